@@ -1,0 +1,31 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("FIFO_STREAM_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+
+
+def load_fixture(name: str):
+    """A reference fixture (see ../shared/fixtures/README.md); every shape and setting comes from it."""
+    path = FIXTURES / name
+    if path.suffix == ".pt":
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
