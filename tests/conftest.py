@@ -29,3 +29,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def checkpoint_key_shapes() -> dict[str, tuple[int, ...]]:
+    """Every key of the full VideoCrafter2 checkpoint with its shape (``()`` for 0-dim tensors)."""
+    shapes = {}
+    for line in load_fixture("videocrafter2_checkpoint_keys.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, shape = line.split("\t")
+        shapes[key] = () if shape == "scalar" else tuple(int(d) for d in shape.split("x"))
+    return shapes
