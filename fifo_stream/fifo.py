@@ -1,0 +1,222 @@
+"""FIFO diagonal denoising (FIFO-Diffusion): a queue of latents at staggered noise levels.
+
+Each tick every slot advances one DDIM step, the finished head latent is emitted,
+the queue shifts one slot toward the head and fresh noise enters the tail. With f
+frames per window and n partitions the queue holds S = f n levels (plus f/2
+fully-denoised lookahead slots at the head with ``lookahead``).
+
+All windows of a tick read only the pre-tick queue and write disjoint slots, so
+in ``batched`` mode they and both guidance branches run as one U-Net batch.
+``sequential`` mode reproduces the reference's call pattern (one window at a time,
+highest first, separate guidance calls) as a baseline and cross-check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import FifoStreamError
+from .sampling import ddim_step, guided_eps
+from .schedule import fifo_timesteps, step_values
+
+
+@dataclass(frozen=True)
+class FifoSettings:
+    """What defines a FIFO run's arithmetic (a checkpoint is only valid for the same settings)."""
+
+    frames: int  # f: frames per window, the model's temporal length
+    partitions: int  # n
+    lookahead: bool = True
+    guidance_scale: float = 12.0
+    eta: float = 1.0
+    fps: int = 8
+    use_scale: bool = False
+
+    def __post_init__(self):
+        if self.frames < 2 or self.frames % 2:
+            raise FifoStreamError(f"frames per window must be even and >= 2, got {self.frames}")
+        if self.partitions < 1:
+            raise FifoStreamError(f"partitions must be >= 1, got {self.partitions}")
+        if self.eta < 0:
+            raise FifoStreamError(f"eta must be >= 0, got {self.eta}")
+
+    @property
+    def steps(self) -> int:
+        return self.frames * self.partitions
+
+    @property
+    def queue_length(self) -> int:
+        return self.steps + (self.frames // 2 if self.lookahead else 0)
+
+    @property
+    def emit_slot(self) -> int:
+        return self.frames // 2 if self.lookahead else 0
+
+    @property
+    def window_starts(self) -> list[int]:
+        stride = self.frames // 2 if self.lookahead else self.frames
+        count = 2 * self.partitions if self.lookahead else self.partitions
+        return [r * stride for r in range(count)]
+
+    @property
+    def written_per_window(self) -> int:
+        """Slots each window writes back: its second half with lookahead, all of it without."""
+        return self.frames // 2 if self.lookahead else self.frames
+
+    @property
+    def warmup_frames(self) -> int:
+        """Leading emitted frames built from copies of the base clip's first frame."""
+        return self.steps - self.frames
+
+
+class FifoEngine:
+    """The queue and its per-tick update; everything a checkpoint needs is in ``state_dict()``."""
+
+    def __init__(
+        self,
+        unet,
+        alphas: torch.Tensor,
+        settings: FifoSettings,
+        noise,
+        seed: int = 0,
+        mode: str = "batched",
+        max_batch: int | None = None,
+        scales: torch.Tensor | None = None,
+    ):
+        if mode not in ("batched", "sequential"):
+            raise FifoStreamError(f"unknown FIFO mode {mode!r}; use 'batched' or 'sequential'")
+        if max_batch is not None and max_batch < 1:
+            raise FifoStreamError(f"max_batch must be >= 1, got {max_batch}")
+        self.unet = unet
+        self.settings = s = settings
+        self.noise = noise
+        self.mode = mode
+        self.max_batch = max_batch
+        self.device = next(unet.parameters()).device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.alphas = alphas
+
+        levels = fifo_timesteps(s.steps, len(alphas))
+        slot_levels = torch.arange(s.steps)
+        if s.lookahead:
+            slot_levels = torch.cat([torch.zeros(s.frames // 2, dtype=torch.long), slot_levels])
+        self.slot_levels = slot_levels
+        self.slot_timesteps = levels[slot_levels].to(self.device)
+        a_t, a_prev = step_values(alphas, levels)
+        shape = (1, 1, -1, 1, 1)
+        self._a_t = a_t[slot_levels].float().reshape(shape).to(self.device)
+        self._a_prev = a_prev[slot_levels].float().reshape(shape).to(self.device)
+        if s.use_scale:
+            if scales is None:
+                raise FifoStreamError("use_scale needs the model's scale array")
+            s_t, s_prev = step_values(scales, levels)
+            self._s_t = s_t[slot_levels].float().reshape(shape).to(self.device)
+            self._s_prev = s_prev[slot_levels].float().reshape(shape).to(self.device)
+        else:
+            self._s_t = self._s_prev = None
+        self.queue: torch.Tensor | None = None
+        self.tick = 0
+
+    # -- starting --------------------------------------------------------------------
+
+    def start_from_queue(self, queue: torch.Tensor) -> None:
+        """Start from an explicit queue (b, c, L, h, w), slot 0 the least noisy."""
+        if queue.shape[2] != self.settings.queue_length:
+            raise FifoStreamError(f"initial queue has {queue.shape[2]} slots; these settings need {self.settings.queue_length}")
+        self.queue = queue.to(self.device, torch.float32).clone()
+        self.tick = 0
+
+    def start_from_clip(self, clip: torch.Tensor) -> None:
+        """Noise a clean clip of f latent frames (b, c, f, h, w) to the staggered levels."""
+        s = self.settings
+        if clip.shape[2] != s.frames:
+            raise FifoStreamError(f"base clip has {clip.shape[2]} frames; the model's window is {s.frames}")
+        clip = clip.to(self.device, torch.float32)
+        offset = s.steps - s.frames
+        frame = torch.tensor([0] * (s.queue_length - s.steps) + [max(0, i - offset) for i in range(s.steps)], device=self.device)
+        x0 = clip[:, :, frame]
+        eps = torch.randn(x0.shape, generator=self.generator, device=self.device)
+        self.start_from_queue(self._a_t.sqrt() * x0 + (1 - self._a_t).sqrt() * eps)
+
+    # -- ticking ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """Advance one tick and return the finished latent (b, c, h, w).
+
+        ``cond``/``uncond`` are (b, n, d), or (b, L, n, d) with one context per queue slot.
+        """
+        if self.queue is None:
+            raise RuntimeError("start the engine (start_from_queue / start_from_clip) before stepping")
+        s, q = self.settings, self.queue
+        noise = torch.randn(q.shape, generator=self.generator, device=self.device) if s.eta > 0 else None
+        if self.mode == "batched":
+            head = slice(s.emit_slot, None)
+            q[:, :, head] = self._update(q[:, :, head], self._eps_batched(q, cond, uncond)[:, :, head], noise, head)
+        else:
+            self._sequential(q, cond, uncond, noise)
+        out = q[:, :, s.emit_slot].clone()
+        tail = self.noise().to(self.device, torch.float32)
+        self.queue = torch.cat([q[:, :, 1:], tail[:, :, None]], dim=2)
+        self.tick += 1
+        return out
+
+    def _call_unet(self, x, t, c):
+        return self.unet(x, t, c, self.settings.fps)
+
+    def _window_inputs(self, q, start, context):
+        f, b = self.settings.frames, q.shape[0]
+        window = slice(start, start + f)
+        ctx = context[:, window] if context.dim() == 4 else context
+        return q[:, :, window], self.slot_timesteps[window].expand(b, f), ctx
+
+    def _eps_batched(self, q, cond, uncond):
+        s = self.settings
+        xs, ts, cs, us = zip(*((*self._window_inputs(q, w, cond), self._window_inputs(q, w, uncond)[2]) for w in s.window_starts))
+        eps_w = guided_eps(self._call_unet, torch.cat(xs), torch.cat(ts), torch.cat(cs), torch.cat(us), s.guidance_scale, self.max_batch)
+        eps = torch.empty_like(q)
+        keep, b = s.written_per_window, q.shape[0]
+        for i, w in enumerate(s.window_starts):
+            eps[:, :, w + s.frames - keep : w + s.frames] = eps_w[i * b : (i + 1) * b, :, -keep:]
+        return eps
+
+    def _update(self, x, eps, noise, slots: slice):
+        """DDIM step of the latents ``x`` that sit in queue ``slots``."""
+        n = noise[:, :, slots] if noise is not None else None
+        s_t, s_prev = (v[:, :, slots] if v is not None else 1.0 for v in (self._s_t, self._s_prev))
+        return ddim_step(x, eps, self._a_t[:, :, slots], self._a_prev[:, :, slots], self.settings.eta, n, s_t, s_prev)
+
+    def _sequential(self, q, cond, uncond, noise):
+        s = self.settings
+        keep = s.written_per_window
+        for w in reversed(s.window_starts):
+            x, t, c = self._window_inputs(q, w, cond)
+            u = self._window_inputs(q, w, uncond)[2]
+            e_c, e_u = self._call_unet(x, t, c), self._call_unet(x, t, u)
+            eps = (e_u + s.guidance_scale * (e_c - e_u))[:, :, -keep:]
+            written = slice(w + s.frames - keep, w + s.frames)
+            q[:, :, written] = self._update(q[:, :, written], eps, noise, written)
+
+    # -- state -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        s = self.settings
+        return {
+            "queue": self.queue.cpu().clone() if self.queue is not None else None,
+            "tick": self.tick,
+            "generator": self.generator.get_state(),
+            "noise": self.noise.state_dict(),
+            "settings": {k: getattr(s, k) for k in s.__dataclass_fields__},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        own = {k: getattr(self.settings, k) for k in self.settings.__dataclass_fields__}
+        if state["settings"] != own:
+            diff = sorted(k for k in own if state["settings"].get(k) != own[k])
+            raise FifoStreamError(f"engine checkpoint was made with other FIFO settings ({', '.join(diff)} differ)")
+        self.queue = state["queue"].to(self.device) if state["queue"] is not None else None
+        self.tick = int(state["tick"])
+        self.generator.set_state(state["generator"])
+        self.noise.load_state_dict(state["noise"])
