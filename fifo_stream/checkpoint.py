@@ -94,8 +94,10 @@ def extract(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, to
 def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, strict: bool = True) -> None:
     """Copy ``state_dict`` into ``module`` (cast to the module's dtypes).
 
-    With ``strict`` any missing, unexpected or mis-shaped key raises a one-line
-    :class:`CheckpointError` with counts and the first few offenders.
+    A module built on the meta device takes the tensors themselves (in their stored
+    dtypes; cast the module afterwards), so full-size models load without first
+    allocating random weights. With ``strict`` any missing, unexpected or mis-shaped
+    key raises a one-line :class:`CheckpointError` with counts and the first few offenders.
     """
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
@@ -117,7 +119,8 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what
         )
     if mismatched:
         raise CheckpointError(f"checkpoint does not fit the {what}: {len(mismatched)} shape mismatches ({mismatched[0]})")
-    module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    on_meta = any(t.is_meta for t in own.values())
+    module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False, assign=on_meta)
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:

@@ -1,0 +1,117 @@
+"""The components of a text-to-video model (U-Net, VAE, text encoder, schedule) built from a config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointError, extract, load_weights, read_state_dict
+from .config import PROJECT_ROOT
+from .errors import FifoStreamError
+from .schedule import alphas_cumprod, scale_arr
+from .text_encoder import OpenCLIPTextTower, TextEncoder
+from .unet import UNet3D
+from .vae import build_vae, decode_latents, load_vae_weights, to_uint8
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class VideoModel:
+    unet: UNet3D
+    vae: torch.nn.Module
+    text_encoder: TextEncoder
+    alphas: torch.Tensor  # alphas_cumprod, float64
+    scales: torch.Tensor | None  # use_scale factors, or None
+    scale_factor: float
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def frames_per_window(self) -> int:
+        return self.unet.temporal_length
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Text contexts (B, 77, d) in float32."""
+        return self.text_encoder.encode(prompts).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+        """Latent frames (b, c, t, h, w) -> uint8 frames (b, t, H, W, 3) on the CPU."""
+        return to_uint8(decode_latents(self.vae, latents, self.scale_factor, batch_size)).cpu()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FifoStreamError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FifoStreamError(f"device {name} requested but no CUDA GPU is available; use runtime.device=cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name == "fp16" and device.type == "cpu":
+        raise FifoStreamError("fp16 is not supported on the CPU; use runtime.dtype=fp32 (or bf16)")
+    return DTYPES[name]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint path as given, else relative to the project root (where models/ lives)."""
+    path = Path(path).expanduser()
+    if path.exists() or path.is_absolute():
+        return path
+    return PROJECT_ROOT / path if (PROJECT_ROOT / path).exists() else path
+
+
+def load_model(cfg: DictConfig, checkpoint: str | Path | None = None, trust: bool = False) -> VideoModel:
+    """Build every component from ``cfg.model`` and load its weights (checkpoint or seeded random)."""
+    m = cfg.model
+    device = resolve_device(cfg.runtime.device)
+    dtype = resolve_dtype(cfg.runtime.dtype, device)
+    unet_cfg = OmegaConf.to_container(m.unet)
+    vae_cfg = OmegaConf.to_container(m.vae)
+    text_cfg = OmegaConf.to_container(m.text_encoder)
+
+    def build():
+        return UNet3D(**unet_cfg), build_vae(vae_cfg), OpenCLIPTextTower(**text_cfg)
+
+    if m.weights == "random" and checkpoint is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(m.seed))
+            unet, vae, tower = build()
+    else:
+        path = resolve_checkpoint(checkpoint or m.checkpoint)
+        state = read_state_dict(path, trust=trust)
+        if not any(k.startswith(UNET_PREFIX) for k in state):
+            raise CheckpointError(f"{path} has no '{UNET_PREFIX}*' weights; is it a VideoCrafter checkpoint?")
+        with torch.device("meta"):
+            unet, vae, tower = build()
+        load_weights(unet, extract(state, UNET_PREFIX), "U-Net")
+        load_vae_weights(vae, extract(state, VAE_PREFIX))
+        load_weights(tower, extract(state, TEXT_PREFIX), "text encoder")
+        del state
+    # diffusers warns on every dtype cast of its models, so cast only when needed.
+    vae.to(device)
+    if vae.dtype != dtype:
+        vae.to(dtype)
+    sched = m.schedule
+    return VideoModel(
+        unet=unet.to(device, dtype).eval().requires_grad_(False),
+        vae=vae.eval().requires_grad_(False),
+        text_encoder=TextEncoder(tower.to(device, dtype).eval().requires_grad_(False)),
+        alphas=alphas_cumprod(sched.num_train_timesteps, sched.linear_start, sched.linear_end),
+        scales=scale_arr(sched.num_train_timesteps) if sched.use_scale else None,
+        scale_factor=float(sched.scale_factor),
+        device=device,
+        dtype=dtype,
+    )

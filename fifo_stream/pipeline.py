@@ -1,0 +1,104 @@
+"""Text to an endless stream of frames: prompt -> base clip -> FIFO queue -> VAE -> uint8 frames."""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from .fifo import FifoEngine, FifoSettings
+from .model import VideoModel
+from .noise import IIDNoise
+from .sampling import sample_ddim
+
+
+def fifo_settings(cfg: DictConfig, model: VideoModel) -> FifoSettings:
+    s = cfg.sampling
+    return FifoSettings(
+        frames=model.frames_per_window,
+        partitions=s.partitions,
+        lookahead=s.lookahead,
+        guidance_scale=float(s.guidance_scale),
+        eta=float(s.eta),
+        fps=cfg.video.fps,
+        use_scale=bool(cfg.model.schedule.use_scale),
+    )
+
+
+class FrameStream:
+    """An endless iterator of decoded frames (H, W, 3) uint8; ``state_dict`` resumes it exactly.
+
+    Seeds: the base clip's noise, the engine's DDIM/noising generator and the tail
+    noise are three streams derived from ``seed``. With ``sampling.discard_warmup``
+    the first S - f ticks (copies of the base clip's first frame) are not emitted.
+    Nothing accumulates: memory does not grow with the number of frames.
+    """
+
+    def __init__(self, model: VideoModel, cfg: DictConfig, prompt: str, seed: int = 0):
+        self.model, self.cfg = model, cfg
+        self.settings = settings = fifo_settings(cfg, model)
+        self.latent_shape = (
+            1,
+            model.unet.in_channels,
+            cfg.video.height // 2 ** (len(cfg.model.vae.ch_mult) - 1),
+            cfg.video.width // 2 ** (len(cfg.model.vae.ch_mult) - 1),
+        )
+        self.seed = seed
+        self.cond = model.encode_text([prompt])
+        self.uncond = model.encode_text([cfg.sampling.negative_prompt])
+        self.engine = FifoEngine(
+            model.unet, model.alphas, settings, IIDNoise(self.latent_shape, seed + 2, model.device),
+            seed=seed + 1, mode=cfg.sampling.mode, max_batch=cfg.sampling.max_batch, scales=model.scales,
+        )
+        self.skip = settings.warmup_frames if cfg.sampling.discard_warmup else 0
+        self.emitted = 0
+
+    def start(self) -> None:
+        """Sample the base clip with plain DDIM and noise it into the queue."""
+        b, c, h, w = self.latent_shape
+        g = torch.Generator(device=self.model.device).manual_seed(self.seed)
+        noise = torch.randn((b, c, self.settings.frames, h, w), generator=g, device=self.model.device)
+        unet = lambda x, t, ctx: self.model.unet(x, t, ctx, self.settings.fps)  # noqa: E731
+        clip = sample_ddim(
+            unet, noise, self.cond, self.uncond, self.model.alphas, self.settings.steps,
+            self.settings.guidance_scale, self.settings.eta, g, self.model.scales,
+        )
+        self.engine.start_from_clip(clip)
+
+    def next_latent(self) -> torch.Tensor:
+        """The next emitted latent (b, c, h, w), skipping warm-up ticks."""
+        if self.engine.queue is None:
+            self.start()
+        while True:
+            z = self.engine.step(self.cond, self.uncond)
+            if self.engine.tick > self.skip:
+                self.emitted += 1
+                return z
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        z = self.next_latent()
+        return self.model.decode(z[:, :, None], self.cfg.sampling.vae_batch)[0, 0].numpy()
+
+    def state_dict(self) -> dict:
+        return {"engine": self.engine.state_dict(), "emitted": self.emitted}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_state_dict(state["engine"])
+        self.emitted = int(state["emitted"])
+
+
+def generate(model: VideoModel, cfg: DictConfig, prompt: str, frames: int, seed: int = 0, progress: bool = True) -> Iterator[np.ndarray]:
+    """Yield ``frames`` frames for ``prompt`` with a progress bar on a TTY."""
+    stream = FrameStream(model, cfg, prompt, seed)
+    with tqdm(total=frames, unit="frame", disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True) as bar:
+        for _ in range(frames):
+            frame = next(stream)
+            bar.update(1)
+            yield frame
