@@ -65,7 +65,7 @@ def _torch_load(path: Path, trust: bool):
                 f"if you trust its source, re-run with {TRUST_FLAG}, or convert it once with "
                 f"'fifo-stream convert {TRUST_FLAG} {path} model.safetensors'"
             ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # garbage input fails in the unpickler in many different ways
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(e)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)

@@ -75,18 +75,36 @@ def cmd_generate(args) -> None:
     frames = args.frames if args.frames is not None else round(args.seconds * cfg.video.fps)
     if frames < 1:
         raise FifoStreamError(f"the video must have at least one frame (got {frames}); pass --frames N or --seconds S with N, S > 0")
-    sinks = [open_sink(t, cfg.video.width, cfg.video.height, cfg.video.fps) for t in args.out]
+    model = load_model(cfg, args.ckpt, trust=args.trust_checkpoint)
+    sinks = []
+    try:
+        for target in args.out:
+            sinks.append(open_sink(target, cfg.video.width, cfg.video.height, cfg.video.fps))
+    except FifoStreamError:
+        MultiSink(sinks).close()
+        raise
     sink = BackgroundSink(MultiSink(sinks))
     try:
-        model = load_model(cfg, args.ckpt, trust=args.trust_checkpoint)
         for frame in generate(model, cfg, args.prompt, frames, args.seed, progress=not args.quiet):
             sink.write(frame)
     finally:
         sink.close()
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse; ``key=value`` overrides may stand anywhere after the command."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         {"generate": cmd_generate, "convert": cmd_convert}[args.command](args)
     except FifoStreamError as e:

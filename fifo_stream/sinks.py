@@ -42,6 +42,8 @@ class SinkError(FifoStreamError):
 class SinkClosed(SinkError):
     """The consumer of a pipe went away; nothing more can be written."""
 
+    exit_code = 3
+
 
 @dataclass(frozen=True)
 class _FileFormat:
