@@ -54,8 +54,13 @@ def read_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, t
 
 
 def _torch_load(path: Path, trust: bool):
+    is_zip = zipfile.is_zipfile(path)
+    with open(path, "rb") as fh:
+        is_pickle = fh.read(1) == b"\x80"  # PROTO opcode that starts every legacy torch.save file
+    if not (is_zip or is_pickle):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch zip archive nor a pickle)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(e)})") from None
@@ -65,7 +70,7 @@ def _torch_load(path: Path, trust: bool):
                 f"if you trust its source, re-run with {TRUST_FLAG}, or convert it once with "
                 f"'fifo-stream convert {TRUST_FLAG} {path} model.safetensors'"
             ) from None
-    except Exception as e:  # garbage input fails in the unpickler in many different ways
+    except Exception as e:  # damaged input fails in the unpickler in many different ways
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(e)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
