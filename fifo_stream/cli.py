@@ -35,9 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--seconds", type=float, help="length in seconds at video.fps")
     gen.add_argument("--out", action="append", required=True, help="output: file.mp4|.mkv|.webm, '-' (stdout), rtmp://..., or dir/ for PNGs; repeatable")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--run-dir", default=None, help="where checkpoints and segments go (default: runs/DATE-TIME-PROMPT)")
+    gen.add_argument("--checkpoint-every", type=int, default=100, metavar="K", help="checkpoint every K frames (default 100)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(gen)
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.partitions=2")
+
+    res = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
+    res.add_argument("run_dir")
+    res.add_argument("--force", action="store_true", help="use the checkpoint even if the config or model changed")
+    res.add_argument("--quiet", action="store_true", help="no progress bar")
+    res.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of a model checkpoint you trust (can run code)")
+
+    info = sub.add_parser("info", help="show a run's progress, config and outputs")
+    info.add_argument("run_dir")
 
     conv = sub.add_parser("convert", help="convert a checkpoint to .safetensors once, for fast and safe loading")
     conv.add_argument("input")
@@ -65,30 +76,83 @@ def cmd_convert(args) -> None:
     print(f"wrote {len(state)} tensors to {dst}", file=sys.stderr)
 
 
+def _weights_path(cfg, ckpt: str | None) -> Path | None:
+    from .model import resolve_checkpoint
+
+    if ckpt is None and cfg.model.weights == "random":
+        return None
+    return resolve_checkpoint(ckpt or cfg.model.checkpoint)
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
 def cmd_generate(args) -> None:
+    import re
+    import time
+
     from .config import DEFAULT_CONFIG, load_config
     from .model import load_model
-    from .pipeline import generate
-    from .sinks import BackgroundSink, MultiSink, open_sink
+    from .run import RUN_FILE, RunDir, RunError, RunSpec, execute, fingerprint
+    from .sinks import validate_target
 
     cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
     frames = args.frames if args.frames is not None else round(args.seconds * cfg.video.fps)
     if frames < 1:
         raise FifoStreamError(f"the video must have at least one frame (got {frames}); pass --frames N or --seconds S with N, S > 0")
+    if args.checkpoint_every < 1:
+        raise FifoStreamError(f"--checkpoint-every must be >= 1 (got {args.checkpoint_every})")
+    for target in args.out:
+        validate_target(target)
+    slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:40] or "run"
+    run_dir = Path(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}")
+    if (run_dir / RUN_FILE).exists():
+        raise RunError(f"{run_dir} already holds a run; continue it with 'fifo-stream resume {run_dir}' or choose another --run-dir")
+    weights = _weights_path(cfg, args.ckpt)
     model = load_model(cfg, args.ckpt, trust=args.trust_checkpoint)
-    sinks = []
-    try:
-        for target in args.out:
-            sinks.append(open_sink(target, cfg.video.width, cfg.video.height, cfg.video.fps))
-    except FifoStreamError:
-        MultiSink(sinks).close()
-        raise
-    sink = BackgroundSink(MultiSink(sinks))
-    try:
-        for frame in generate(model, cfg, args.prompt, frames, args.seed, progress=not args.quiet):
-            sink.write(frame)
-    finally:
-        sink.close()
+    spec = RunSpec(args.prompt, frames, list(args.out), args.seed, args.checkpoint_every, args.ckpt)
+    run = RunDir.create(run_dir, spec, cfg)
+    execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet))
+    print(f"wrote {frames} frames; run directory {run_dir}", file=sys.stderr)
+
+
+def cmd_resume(args) -> None:
+    from .config import load_config
+    from .model import load_model
+    from .run import CONFIG, RunDir, RunError, execute, fingerprint
+
+    run = RunDir.open(args.run_dir)
+    spec, manifest = run.spec, run.manifest
+    if manifest["finished"]:
+        raise RunError(f"{run.path} is already finished ({manifest['frames_written']} frames); nothing to resume")
+    cfg = load_config(run.path / CONFIG)
+    weights = _weights_path(cfg, spec.checkpoint)
+    model = load_model(cfg, spec.checkpoint, trust=args.trust_checkpoint)
+    execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet), force=args.force)
+    print(f"finished {spec.frames} frames; run directory {run.path}", file=sys.stderr)
+
+
+def cmd_info(args) -> None:
+    from .run import STATE, RunDir
+
+    run = RunDir.open(args.run_dir)
+    spec, manifest, cfg = run.spec, run.manifest, run.config
+    done = manifest["frames_written"]
+    status = "finished" if manifest["finished"] else ("not started" if not (run.path / STATE).exists() else "interrupted")
+    lines = [
+        f"run:         {run.path}",
+        f"prompt:      {spec.prompt}",
+        f"progress:    {done} / {spec.frames} frames ({100 * done // max(spec.frames, 1)}%), {status}",
+        f"model:       {cfg.model.name} ({spec.checkpoint or cfg.model.checkpoint if cfg.model.weights == 'checkpoint' or spec.checkpoint else 'random weights'})",
+        f"video:       {cfg.video.width}x{cfg.video.height} @ {cfg.video.fps} fps, seed {spec.seed}",
+        f"sampling:    partitions {cfg.sampling.partitions}, lookahead {cfg.sampling.lookahead}, guidance {cfg.sampling.guidance_scale}, eta {cfg.sampling.eta}",
+        f"checkpoints: every {spec.checkpoint_every} frames",
+    ]
+    for i, target in enumerate(spec.outputs):
+        segments = manifest["segments"].get(str(i))
+        lines.append(f"output:      {target}" + (f" ({len(segments)} segments)" if segments is not None else ""))
+    print("\n".join(lines))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        {"generate": cmd_generate, "convert": cmd_convert}[args.command](args)
+        {"generate": cmd_generate, "resume": cmd_resume, "info": cmd_info, "convert": cmd_convert}[args.command](args)
     except FifoStreamError as e:
         print(f"fifo-stream: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -426,8 +426,9 @@ class _Worker(Sink):
             self._work()
         except BaseException as e:
             self._error = e
-            while self._queue.get() is not _END:
-                pass
+            while (item := self._queue.get()) is not _END:
+                if isinstance(item, threading.Event):
+                    item.set()
 
     def _raise_error(self) -> None:
         if self._error is not None and not self._reported:
@@ -640,11 +641,21 @@ class BackgroundSink(_Worker):
         super().__init__(maxsize)
 
     def _work(self) -> None:
-        while (frame := self._queue.get()) is not _END:
-            self.sink.write(frame)
+        while (item := self._queue.get()) is not _END:
+            if isinstance(item, threading.Event):
+                item.set()
+            else:
+                self.sink.write(item)
 
     def write(self, frame: np.ndarray) -> None:
         self._put(frame)
+
+    def flush(self) -> None:
+        """Wait until every frame written so far has reached the inner sink (re-raising its error)."""
+        done = threading.Event()
+        self._put(done)
+        done.wait()
+        self._raise_error()
 
     def close(self) -> None:
         if not self._stop():
@@ -682,22 +693,55 @@ class MultiSink(Sink):
 # ----------------------------------------------------------------------------- dispatch
 
 
+def target_kind(target: str) -> str:
+    """What an output target names: "pipe" ("-"), "rtmp" (URL), "png" (directory) or "file"."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", target)
+    if target == "-":
+        return "pipe"
+    if scheme:
+        if scheme.group(1).lower() not in ("rtmp", "rtmps"):
+            raise SinkError(f"unsupported output URL scheme {scheme.group(1)}://; use rtmp:// or rtmps://, a file path, a directory/ or '-'")
+        return "rtmp"
+    path = Path(target)
+    if target.endswith(("/", os.sep)) or (path.is_dir() and path.suffix.lower() not in _FILE_FORMATS):
+        return "png"
+    return "file"
+
+
+def validate_target(target: str) -> str:
+    """Check an output target without opening it (nothing is created); returns its kind."""
+    kind = target_kind(target)
+    if kind not in ("file", "png"):
+        return kind
+    path = Path(target)
+    if kind == "file":
+        if path.suffix.lower() not in _FILE_FORMATS:
+            raise SinkError(
+                f"unsupported output extension {path.suffix or '(none)'!r} in {target}; "
+                "use .mp4, .mkv or .webm, a directory/ for PNG frames, '-' for stdout, or an rtmp:// URL"
+            )
+        if path.is_dir():
+            raise SinkError(f"output path {path} is a directory; give a file name such as {path / ('out' + path.suffix)}")
+    existing = (path if kind == "png" else path.parent).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SinkError(f"cannot write output {target}: {existing} is not a writable directory; choose a writable location")
+    return kind
+
+
 def open_sink(target: str, width: int, height: int, fps: float, **options) -> Sink:
     """Open the sink a target names: "-" (stdout), rtmp(s):// URL, directory/ (PNG frames), or a video file.
 
     ``options`` go to the sink's constructor; one that the sink does not take is a ``SinkError``.
     """
-    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", target)
-    if target == "-":
-        cls, args = PipeSink, (width, height, fps)
-    elif scheme:
-        if scheme.group(1).lower() not in ("rtmp", "rtmps"):
-            raise SinkError(f"unsupported output URL scheme {scheme.group(1)}://; use rtmp:// or rtmps://, a file path, a directory/ or '-'")
-        cls, args = RTMPSink, (target, width, height, fps)
-    elif target.endswith(("/", os.sep)) or Path(target).is_dir():
-        cls, args = PngSink, (target, width, height)
-    else:
-        cls, args = FileSink, (target, width, height, fps)
+    kind = target_kind(target)
+    cls, args = {
+        "pipe": (PipeSink, (width, height, fps)),
+        "rtmp": (RTMPSink, (target, width, height, fps)),
+        "png": (PngSink, (target, width, height)),
+        "file": (FileSink, (target, width, height, fps)),
+    }[kind]
     try:
         inspect.signature(cls).bind(*args, **options)
     except TypeError as e:

@@ -1,0 +1,288 @@
+"""Run directories: generation that survives kill -9 and resumes frame-identically.
+
+A run directory holds ``run.json`` (what to generate), ``config.yaml`` (the resolved
+config), ``manifest.json`` (frames written, each frame's SHA-256, finished segments)
+and ``state.pt`` (the engine checkpoint, with a SHA-256 trailer). File outputs are
+written as segments in ``segments/``, cut at every checkpoint, and joined into the
+requested files by stream copy when the run finishes.
+
+Checkpoint write order: cut the segments (close, fsync, rename), atomically replace
+the manifest, then atomically replace the state. On resume the state says how many
+frames are done; listed segments beyond that, and unlisted files, are discarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from .errors import FifoStreamError
+from .pipeline import FrameStream
+from .sinks import BackgroundSink, SegmentWriter, Sink, SinkError, join_segments, open_sink, validate_target
+
+RUN_FILE, MANIFEST, STATE, CONFIG, SEGMENTS = "run.json", "manifest.json", "state.pt", "config.yaml", "segments"
+FAULT_ENV = "FIFO_STREAM_FAULT"  # "point:N": SIGKILL ourselves at a checkpoint step (crash tests)
+
+
+class RunError(FifoStreamError):
+    pass
+
+
+class Interrupted(FifoStreamError):
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@dataclass
+class RunSpec:
+    prompt: str
+    frames: int
+    outputs: list[str]
+    seed: int = 0
+    checkpoint_every: int = 100
+    checkpoint: str | None = None  # model checkpoint path (None: the config's)
+
+
+def fingerprint(cfg: DictConfig, checkpoint: str | os.PathLike | None) -> str:
+    """Identity of everything that determines the frames: the config (less ``runtime``) and the weights file."""
+    content = OmegaConf.to_container(cfg, resolve=True)
+    content.pop("runtime", None)
+    if checkpoint is not None and Path(checkpoint).is_file():
+        st = Path(checkpoint).stat()
+        content["_weights"] = {"name": Path(checkpoint).name, "size": st.st_size}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fault(point: str, count: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"{point}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, fault: tuple[str, int] | None = None) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new content."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if fault:
+        _fault(*fault)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class RunDir:
+    """A run directory on disk."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.segments = self.path / SEGMENTS
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, spec: RunSpec, cfg: DictConfig) -> RunDir:
+        run = cls(path)
+        if (run.path / RUN_FILE).exists():
+            raise RunError(f"{run.path} already holds a run; continue it with 'fifo-stream resume {run.path}' or choose another --run-dir")
+        if run.path.exists() and not run.path.is_dir():
+            raise RunError(f"run directory {run.path} is a file; choose another --run-dir")
+        try:
+            run.segments.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create run directory {run.path} ({e.strerror}); choose a writable --run-dir") from None
+        atomic_write(run.path / CONFIG, OmegaConf.to_yaml(cfg).encode())
+        run.write_manifest({"frames_written": 0, "frame_sha256": [], "segments": {}, "finished": False})
+        atomic_write(run.path / RUN_FILE, json.dumps(asdict(spec), indent=1).encode())
+        return run
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> RunDir:
+        run = cls(path)
+        if not (run.path / RUN_FILE).is_file():
+            raise RunError(f"{run.path} is not a fifo-stream run directory (no {RUN_FILE}); give the --run-dir of a generate command")
+        return run
+
+    @property
+    def spec(self) -> RunSpec:
+        return RunSpec(**json.loads((self.path / RUN_FILE).read_text()))
+
+    @property
+    def config(self) -> DictConfig:
+        return OmegaConf.load(self.path / CONFIG)
+
+    @property
+    def manifest(self) -> dict:
+        try:
+            return json.loads((self.path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            raise RunError(f"{self.path / MANIFEST} is missing or damaged; the run cannot be resumed") from None
+
+    def write_manifest(self, manifest: dict, fault: tuple[str, int] | None = None) -> None:
+        atomic_write(self.path / MANIFEST, json.dumps(manifest).encode(), fault)
+
+    def save_state(self, state: dict, fault: tuple[str, int] | None = None) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        body = buf.getvalue()
+        atomic_write(self.path / STATE, body + hashlib.sha256(body).digest(), fault)
+
+    def load_state(self) -> dict | None:
+        path = self.path / STATE
+        if not path.exists():
+            return None
+        data = path.read_bytes()
+        body, digest = data[:-32], data[-32:]
+        if len(data) < 32 or hashlib.sha256(body).digest() != digest:
+            raise RunError(f"engine checkpoint {path} is corrupt (checksum mismatch); delete it to restart the run from its beginning")
+        return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+
+
+def _discard_after(run: RunDir, manifest: dict, done: int) -> dict:
+    """Keep the manifest's first ``done`` frames and the segments within them; delete every other file."""
+    manifest = {**manifest, "frame_sha256": manifest["frame_sha256"][:done], "frames_written": done, "finished": False}
+    kept: dict[str, list] = {}
+    for key, segments in manifest["segments"].items():
+        total, kept[key] = 0, []
+        for seg in segments:
+            if total + seg["frames"] > done:
+                break
+            total += seg["frames"]
+            kept[key].append(seg)
+    manifest["segments"] = kept
+    listed = {s["file"] for segs in kept.values() for s in segs}
+    for path in run.segments.iterdir():
+        if path.name not in listed:
+            path.unlink()
+    return manifest
+
+
+class _StopFlag:
+    """Records SIGINT/SIGTERM so the loop can stop at a frame boundary with a checkpoint."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def execute(run: RunDir, model, cfg: DictConfig, identity: str, progress: bool = True, force: bool = False) -> None:
+    """Generate (or continue) the run until all its frames are written, checkpointing as it goes.
+
+    ``identity`` is the :func:`fingerprint` of ``cfg`` and the weights; a checkpoint made
+    under another identity is refused unless ``force``.
+    """
+    spec = run.spec
+    stream = FrameStream(model, cfg, spec.prompt, spec.seed)
+    state = run.load_state()
+    if state is not None:
+        if state["fingerprint"] != identity and not force:
+            raise RunError(f"engine checkpoint in {run.path} was made with another config or model; pass --force to use it anyway")
+        stream.load_state_dict(state["stream"])
+    manifest = _discard_after(run, run.manifest, stream.emitted)
+    run.write_manifest(manifest)
+
+    w, h, fps = cfg.video.width, cfg.video.height, cfg.video.fps
+    writers: dict[str, tuple[BackgroundSink, SegmentWriter]] = {}
+    live: list[Sink] = []
+    try:
+        for i, target in enumerate(spec.outputs):
+            kind = validate_target(target)
+            if kind == "file":
+                key = str(i)
+                listed = manifest["segments"].setdefault(key, [])
+                writer = SegmentWriter(run.segments, f"out{i}", Path(target).suffix, w, h, fps, index=len(listed))
+                writers[key] = (BackgroundSink(writer), writer)
+            elif kind == "png":
+                live.append(BackgroundSink(open_sink(target, w, h, fps, start=stream.emitted)))
+            else:
+                sink = open_sink(target, w, h, fps)
+                live.append(sink if kind == "rtmp" else BackgroundSink(sink))
+    except FifoStreamError:
+        _close_all([bg for bg, _ in writers.values()] + live)
+        raise
+
+    checkpoints = 0
+
+    def checkpoint() -> None:
+        nonlocal checkpoints
+        checkpoints += 1
+        for key, (bg, writer) in writers.items():
+            bg.flush()
+            frames = writer.frames_in_segment
+            path = writer.cut()
+            if path is not None:
+                manifest["segments"][key].append({"file": path.name, "frames": frames})
+        _fault("segments", checkpoints)
+        manifest["frames_written"] = stream.emitted
+        run.write_manifest(manifest, fault=("manifest", checkpoints))
+        run.save_state({"stream": stream.state_dict(), "fingerprint": identity}, fault=("state", checkpoints))
+
+    failure: BaseException | None = None
+    bar = tqdm(total=spec.frames, initial=stream.emitted, unit="frame", disable=not progress, dynamic_ncols=True)
+    try:
+        with _StopFlag() as stop:
+            while stream.emitted < spec.frames and stop.signum is None:
+                frame = next(stream)
+                manifest["frame_sha256"].append(hashlib.sha256(np.ascontiguousarray(frame).tobytes()).hexdigest())
+                for bg, _ in writers.values():
+                    bg.write(frame)
+                for sink in live:
+                    sink.write(frame)
+                bar.update(1)
+                if stream.emitted % spec.checkpoint_every == 0 and stream.emitted < spec.frames:
+                    checkpoint()
+            checkpoint()
+    except SinkError as e:
+        failure = e
+        checkpoint()
+    finally:
+        bar.close()
+        errors = _close_all([bg for bg, _ in writers.values()] + live)
+    if failure is not None:
+        raise type(failure)(f"{failure}; {stream.emitted} frames are saved: continue with 'fifo-stream resume {run.path}'") from None
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        raise Interrupted(f"stopped by {name} after {stream.emitted} frames; checkpoint saved: continue with 'fifo-stream resume {run.path}'", stop.signum)
+    if errors:
+        raise errors[0]
+    for key, segments in manifest["segments"].items():
+        join_segments([run.segments / s["file"] for s in segments], spec.outputs[int(key)])
+    manifest["finished"] = True
+    run.write_manifest(manifest)
+
+
+def _close_all(sinks: list[Sink]) -> list[BaseException]:
+    errors = []
+    for sink in sinks:
+        try:
+            sink.close()
+        except BaseException as e:  # close every sink even when one fails
+            errors.append(e)
+    return errors
