@@ -52,6 +52,7 @@ class RunSpec:
     seed: int = 0
     checkpoint_every: int = 100
     checkpoint: str | None = None  # model checkpoint path (None: the config's)
+    pipe_format: str = "matroska"
 
 
 def fingerprint(cfg: DictConfig, checkpoint: str | os.PathLike | None) -> str:
@@ -221,9 +222,10 @@ def execute(run: RunDir, model, cfg: DictConfig, identity: str, progress: bool =
                 writers[key] = (BackgroundSink(writer), writer)
             elif kind == "png":
                 live.append(BackgroundSink(open_sink(target, w, h, fps, start=stream.emitted)))
+            elif kind == "pipe":
+                live.append(BackgroundSink(open_sink(target, w, h, fps, fmt=spec.pipe_format)))
             else:
-                sink = open_sink(target, w, h, fps)
-                live.append(sink if kind == "rtmp" else BackgroundSink(sink))
+                live.append(open_sink(target, w, h, fps))  # RTMP paces on its own thread
     except FifoStreamError:
         _close_all([bg for bg, _ in writers.values()] + live)
         raise

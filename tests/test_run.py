@@ -117,6 +117,10 @@ def test_pipe_to_a_reader_and_reader_going_away(tmp_path):
     assert rc == 0, err
     assert len(frames) == n and frames[0].shape == (64, 96, 3)
 
+    proc = cli("generate", "x", "--frames", "3", "--out", "-", "--pipe-format", "rawvideo", "--run-dir", str(tmp_path / "raw"), "--quiet", *ARGS, stdout=subprocess.PIPE)
+    raw, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and len(raw) == 3 * 64 * 96 * 3
+
     run_dir = tmp_path / "p2"
     proc = cli("generate", "a red circle", "--frames", "500", "--out", "-", "--run-dir", str(run_dir), "--quiet", *ARGS, stdout=subprocess.PIPE)
     with av.open(proc.stdout, "r", format="matroska") as c:
