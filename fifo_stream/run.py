@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from .durable import atomic_write
 from .errors import FifoStreamError
 from .pipeline import FrameStream
 from .sinks import BackgroundSink, SegmentWriter, Sink, SinkError, join_segments, open_sink, validate_target
@@ -68,27 +69,6 @@ def fingerprint(cfg: DictConfig, checkpoint: str | os.PathLike | None) -> str:
 def _fault(point: str, count: int) -> None:
     if os.environ.get(FAULT_ENV) == f"{point}:{count}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, fault: tuple[str, int] | None = None) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new content."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if fault:
-        _fault(*fault)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class RunDir:
@@ -136,14 +116,14 @@ class RunDir:
         except (OSError, ValueError):
             raise RunError(f"{self.path / MANIFEST} is missing or damaged; the run cannot be resumed") from None
 
-    def write_manifest(self, manifest: dict, fault: tuple[str, int] | None = None) -> None:
-        atomic_write(self.path / MANIFEST, json.dumps(manifest).encode(), fault)
+    def write_manifest(self, manifest: dict, before_rename=None) -> None:
+        atomic_write(self.path / MANIFEST, json.dumps(manifest).encode(), before_rename)
 
-    def save_state(self, state: dict, fault: tuple[str, int] | None = None) -> None:
+    def save_state(self, state: dict, before_rename=None) -> None:
         buf = io.BytesIO()
         torch.save(state, buf)
         body = buf.getvalue()
-        atomic_write(self.path / STATE, body + hashlib.sha256(body).digest(), fault)
+        atomic_write(self.path / STATE, body + hashlib.sha256(body).digest(), before_rename)
 
     def load_state(self) -> dict | None:
         path = self.path / STATE
@@ -243,8 +223,8 @@ def execute(run: RunDir, model, cfg: DictConfig, identity: str, progress: bool =
                 manifest["segments"][key].append({"file": path.name, "frames": frames})
         _fault("segments", checkpoints)
         manifest["frames_written"] = stream.emitted
-        run.write_manifest(manifest, fault=("manifest", checkpoints))
-        run.save_state({"stream": stream.state_dict(), "fingerprint": identity}, fault=("state", checkpoints))
+        run.write_manifest(manifest, lambda: _fault("manifest", checkpoints))
+        run.save_state({"stream": stream.state_dict(), "fingerprint": identity}, lambda: _fault("state", checkpoints))
 
     failure: BaseException | None = None
     bar = tqdm(total=spec.frames, initial=stream.emitted, unit="frame", disable=not progress, dynamic_ncols=True)

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import av
 import numpy as np
 
+from .durable import fsync
 from .errors import FifoStreamError
 
 # delay_moov postpones the moov box until the first fragment, so it can carry the edit list
@@ -140,20 +141,6 @@ def _codec_options(codec: str, crf: int, preset: str, tune: str | None, extra: d
         options["crf"] = str(crf)
     options.update({k: str(v) for k, v in (extra or {}).items()})
     return options
-
-
-def _fsync(path: Path, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if directory:  # some platforms cannot open directories; the rename is still atomic
-            return
-        raise
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _redact(url: str) -> str:
@@ -823,9 +810,9 @@ class SegmentWriter(Sink):
         sink.close()
         final = self.segment_path(self.index)
         try:
-            _fsync(sink.path)
+            fsync(sink.path)
             os.replace(sink.path, final)
-            _fsync(self.directory, directory=True)
+            fsync(self.directory, directory=True)
         except OSError as e:
             raise SinkError(f"finishing segment {final} failed ({e.strerror}); check free disk space") from None
         self.index += 1
@@ -896,9 +883,9 @@ def join_segments(segments: Sequence[str | os.PathLike], out: str | os.PathLike)
                         packet.stream = ostream
                         dst.mux(packet)
                     offset += (ordered[-1] * tb + step) if ordered else 0
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, out)
-        _fsync(out.parent, directory=True)
+        fsync(out.parent, directory=True)
     except SinkError:
         tmp.unlink(missing_ok=True)
         raise
