@@ -91,6 +91,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.sampling.max_batch is not None:
         _check(cfg, "sampling.max_batch", int, positive, "a positive integer or null")
     _check(cfg, "video.fps", int, positive, "a positive integer")
+    _check(cfg, "output.crf", int, lambda v: 0 <= v <= 63, "an integer from 0 to 63")
+    _check(cfg, "output.preset", str)
+    if cfg.output.codec is not None:
+        _check(cfg, "output.codec", str)
     factor = 2 ** (len(cfg.model.vae.ch_mult) - 1) * 2 ** (len(cfg.model.unet.channel_mult) - 1)
     for key in ("video.height", "video.width"):
         _check(cfg, key, int, lambda v: v > 0 and v % factor == 0, f"a positive multiple of {factor} (the model's total downsampling)")

@@ -39,6 +39,12 @@ class RunError(FifoStreamError):
     pass
 
 
+class OutputLost(FifoStreamError):
+    """An output went away mid-run (a pipe's reader, an RTMP server); the checkpoint is kept."""
+
+    exit_code = 3
+
+
 class Interrupted(FifoStreamError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -198,7 +204,8 @@ def execute(run: RunDir, model, cfg: DictConfig, identity: str, progress: bool =
             if kind == "file":
                 key = str(i)
                 listed = manifest["segments"].setdefault(key, [])
-                writer = SegmentWriter(run.segments, f"out{i}", Path(target).suffix, w, h, fps, index=len(listed))
+                options = {"codec": cfg.output.codec, "crf": cfg.output.crf, "preset": cfg.output.preset}
+                writer = SegmentWriter(run.segments, f"out{i}", Path(target).suffix, w, h, fps, index=len(listed), **options)
                 writers[key] = (BackgroundSink(writer), writer)
             elif kind == "png":
                 live.append(BackgroundSink(open_sink(target, w, h, fps, start=stream.emitted)))
@@ -248,7 +255,7 @@ def execute(run: RunDir, model, cfg: DictConfig, identity: str, progress: bool =
         bar.close()
         errors = _close_all([bg for bg, _ in writers.values()] + live)
     if failure is not None:
-        raise type(failure)(f"{failure}; {stream.emitted} frames are saved: continue with 'fifo-stream resume {run.path}'") from None
+        raise OutputLost(f"{failure}; {stream.emitted} frames are saved: continue with 'fifo-stream resume {run.path}'") from None
     if stop.signum is not None:
         name = signal.Signals(stop.signum).name
         raise Interrupted(f"stopped by {name} after {stream.emitted} frames; checkpoint saved: continue with 'fifo-stream resume {run.path}'", stop.signum)
