@@ -7,6 +7,7 @@ Every user-caused problem ends as one line on stderr and a non-zero exit code:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -140,12 +141,13 @@ def cmd_info(args) -> None:
     run = RunDir.open(args.run_dir)
     spec, manifest, cfg = run.spec, run.manifest, run.config
     done = manifest["frames_written"]
+    weights = spec.checkpoint or (cfg.model.checkpoint if cfg.model.weights == "checkpoint" else "random weights")
     status = "finished" if manifest["finished"] else ("not started" if not (run.path / STATE).exists() else "interrupted")
     lines = [
         f"run:         {run.path}",
         f"prompt:      {spec.prompt}",
         f"progress:    {done} / {spec.frames} frames ({100 * done // max(spec.frames, 1)}%), {status}",
-        f"model:       {cfg.model.name} ({spec.checkpoint or cfg.model.checkpoint if cfg.model.weights == 'checkpoint' or spec.checkpoint else 'random weights'})",
+        f"model:       {cfg.model.name} ({weights})",
         f"video:       {cfg.video.width}x{cfg.video.height} @ {cfg.video.fps} fps, seed {spec.seed}",
         f"sampling:    partitions {cfg.sampling.partitions}, lookahead {cfg.sampling.lookahead}, guidance {cfg.sampling.guidance_scale}, eta {cfg.sampling.eta}",
         f"checkpoints: every {spec.checkpoint_every} frames",
@@ -178,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fifo-stream: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `fifo-stream info RUN | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 3
     return 0
 
 

@@ -96,7 +96,6 @@ class FifoEngine:
         self.max_batch = max_batch
         self.device = next(unet.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.alphas = alphas
 
         levels = fifo_timesteps(s.steps, len(alphas))
         slot_levels = torch.arange(s.steps)
@@ -174,8 +173,9 @@ class FifoEngine:
 
     def _eps_batched(self, q, cond, uncond):
         s = self.settings
-        xs, ts, cs, us = zip(*((*self._window_inputs(q, w, cond), self._window_inputs(q, w, uncond)[2]) for w in s.window_starts))
-        eps_w = guided_eps(self._call_unet, torch.cat(xs), torch.cat(ts), torch.cat(cs), torch.cat(us), s.guidance_scale, self.max_batch)
+        windows = [(*self._window_inputs(q, w, cond), self._window_inputs(q, w, uncond)[2]) for w in s.window_starts]
+        x, t, c, u = (torch.cat(parts) for parts in zip(*windows))
+        eps_w = guided_eps(self._call_unet, x, t, c, u, s.guidance_scale, self.max_batch)
         eps = torch.empty_like(q)
         keep, b = s.written_per_window, q.shape[0]
         for i, w in enumerate(s.window_starts):

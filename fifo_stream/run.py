@@ -32,7 +32,9 @@ from .pipeline import FrameStream
 from .sinks import BackgroundSink, SegmentWriter, Sink, SinkError, join_segments, open_sink, validate_target
 
 RUN_FILE, MANIFEST, STATE, CONFIG, SEGMENTS = "run.json", "manifest.json", "state.pt", "config.yaml", "segments"
-FAULT_ENV = "FIFO_STREAM_FAULT"  # "point:N": SIGKILL ourselves at a checkpoint step (crash tests)
+# Crash tests: "point:N" makes the process SIGKILL itself at a checkpoint step
+# (segments, manifest, state: during checkpoint N of this process) or after frame N (frame).
+FAULT_ENV = "FIFO_STREAM_FAULT"
 
 
 class RunError(FifoStreamError):
@@ -245,6 +247,7 @@ def execute(run: RunDir, model, cfg: DictConfig, identity: str, progress: bool =
                 for sink in live:
                     sink.write(frame)
                 bar.update(1)
+                _fault("frame", stream.emitted)
                 if stream.emitted % spec.checkpoint_every == 0 and stream.emitted < spec.frames:
                     checkpoint()
             checkpoint()
