@@ -204,6 +204,16 @@ class _VideoOut:
 # ----------------------------------------------------------------------------- files
 
 
+def _finish(out: _VideoOut | None, doing: str, advice: str = "") -> None:
+    """Flush and close an encoder (if open); an error becomes a one-line SinkError."""
+    if out is None:
+        return
+    try:
+        out.finish()
+    except _AV_ERRORS as e:
+        raise SinkError(f"{doing} failed ({_reason(e)}){advice}") from None
+
+
 class FileSink(Sink):
     """A crash-tolerant video file: fragmented .mp4, .mkv, or .webm (VP9 by default).
 
@@ -276,12 +286,7 @@ class FileSink(Sink):
 
     def close(self) -> None:
         out, self._out = self._out, None
-        if out is None:
-            return
-        try:
-            out.finish()
-        except _AV_ERRORS as e:
-            raise SinkError(f"finishing {self.path} failed ({_reason(e)}); check free disk space") from None
+        _finish(out, f"finishing {self.path}", "; check free disk space")
 
 
 # ----------------------------------------------------------------------------- pipes
@@ -547,12 +552,7 @@ class RTMPSink(_Worker):
 
     def _finish(self) -> None:
         out, self._out = self._out, None
-        if out is None:
-            return
-        try:
-            out.finish()
-        except _AV_ERRORS as e:
-            raise SinkError(f"closing the stream to {_redact(self.url)} failed ({_reason(e)})") from None
+        _finish(out, f"closing the stream to {_redact(self.url)}")
 
     def write(self, frame: np.ndarray) -> None:
         self._put(_check_frame(frame, self.width, self.height))
