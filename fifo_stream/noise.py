@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import FifoStreamError
+
 
 class IIDNoise:
     """Independent standard normal noise per tail latent (the FIFO-Diffusion reference)."""
@@ -25,6 +27,75 @@ class IIDNoise:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+class MixedNoise(IIDNoise):
+    """PYoCo mixed noise: eps_i = sqrt(a) eps_shared + sqrt(1 - a) eps_ind; lag-1 correlation a."""
+
+    def __init__(self, shape: tuple[int, ...], seed: int, alpha: float, device: torch.device | str = "cpu"):
+        super().__init__(shape, seed, device)
+        self.alpha = _check_alpha(alpha)
+        self.shared = super().__call__()
+
+    def __call__(self) -> torch.Tensor:
+        return self.alpha**0.5 * self.shared + (1 - self.alpha) ** 0.5 * super().__call__()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "shared": self.shared.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.shared = state["shared"].to(self.device)
+
+
+class ProgressiveNoise(IIDNoise):
+    """PYoCo progressive noise: eps_i = sqrt(a) eps_(i-1) + sqrt(1 - a) eps_ind; lag-1 correlation sqrt(a)."""
+
+    def __init__(self, shape: tuple[int, ...], seed: int, alpha: float, device: torch.device | str = "cpu"):
+        super().__init__(shape, seed, device)
+        self.alpha = _check_alpha(alpha)
+        self.previous = super().__call__()
+
+    def __call__(self) -> torch.Tensor:
+        self.previous = self.alpha**0.5 * self.previous + (1 - self.alpha) ** 0.5 * super().__call__()
+        return self.previous
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "previous": self.previous.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.previous = state["previous"].to(self.device)
+
+
+class CoherentNoise(ProgressiveNoise):
+    """Coherent tail: the low spatial frequencies of the previous tail latent, the high ones fresh.
+
+    The split is an ideal radial mask in the 2-D Fourier domain, so the two parts are orthogonal
+    projections of white noise and the sum stays white with unit variance; the lag-1
+    correlation equals the fraction of frequencies kept (``cutoff`` is a fraction of Nyquist).
+    """
+
+    def __init__(self, shape: tuple[int, ...], seed: int, cutoff: float, device: torch.device | str = "cpu"):
+        super().__init__(shape, seed, alpha=0.0, device=device)
+        if not 0.0 <= cutoff <= 1.0:
+            raise FifoStreamError(f"coherent noise cutoff must be in [0, 1], got {cutoff}")
+        h, w = shape[-2:]
+        fy, fx = torch.fft.fftfreq(h, device=device)[:, None], torch.fft.fftfreq(w, device=device)[None, :]
+        self.low = ((fy**2 + fx**2).sqrt() <= cutoff * 0.5).to(torch.float32)
+
+    def __call__(self) -> torch.Tensor:
+        fresh = torch.randn(self.shape, generator=self.generator, device=self.device)
+        low = torch.fft.ifft2(torch.fft.fft2(self.previous) * self.low).real
+        high = torch.fft.ifft2(torch.fft.fft2(fresh) * (1 - self.low)).real
+        self.previous = low + high
+        return self.previous
+
+
+def _check_alpha(alpha: float) -> float:
+    if not 0.0 <= alpha <= 1.0:
+        raise FifoStreamError(f"noise correlation alpha must be in [0, 1], got {alpha}")
+    return float(alpha)
 
 
 class RecordedNoise:
@@ -45,3 +116,16 @@ class RecordedNoise:
 
     def load_state_dict(self, state: dict) -> None:
         self.index = int(state["index"])
+
+
+def make_noise(kind: str, shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu", alpha: float = 0.5, cutoff: float = 0.25):
+    """The tail noise source named by ``sampling.tail_noise``."""
+    if kind == "iid":
+        return IIDNoise(shape, seed, device)
+    if kind == "mixed":
+        return MixedNoise(shape, seed, alpha, device)
+    if kind == "progressive":
+        return ProgressiveNoise(shape, seed, alpha, device)
+    if kind == "coherent":
+        return CoherentNoise(shape, seed, cutoff, device)
+    raise FifoStreamError(f"unknown tail noise {kind!r}; use iid, mixed, progressive or coherent")

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .fifo import FifoEngine, FifoSettings
 from .model import VideoModel
-from .noise import IIDNoise
+from .noise import make_noise
 from .sampling import sample_ddim
 
 
@@ -51,7 +51,8 @@ class FrameStream:
         self.cond = model.encode_text([prompt])
         self.uncond = model.encode_text([cfg.sampling.negative_prompt])
         self.engine = FifoEngine(
-            model.unet, model.alphas, settings, IIDNoise(self.latent_shape, seed + 2, model.device),
+            model.unet, model.alphas, settings,
+            make_noise(cfg.sampling.tail_noise, self.latent_shape, seed + 2, model.device, cfg.sampling.noise_alpha, cfg.sampling.noise_cutoff),
             seed=seed + 1, mode=cfg.sampling.mode, max_batch=cfg.sampling.max_batch, scales=model.scales,
         )
         self.skip = settings.warmup_frames if cfg.sampling.discard_warmup else 0

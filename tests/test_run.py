@@ -171,3 +171,20 @@ def test_rtmp_unreachable_is_one_line(tmp_path):
     rc, err = finish(cli("generate", "x", "--frames", "2", "--out", f"rtmp://127.0.0.1:{free_port()}/live/x", "--run-dir", str(tmp_path / "r"), "--quiet", *ARGS))
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc != 0 and len(lines) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("noise", ["mixed", "coherent"])
+def test_tail_noise_models_resume_frame_identically(tmp_path, noise):
+    extra = [f"sampling.tail_noise={noise}"]
+
+    def start(name, env=None):
+        return cli("generate", "a red circle", "--frames", "8", "--checkpoint-every", "3", "--out", str(tmp_path / f"{name}.mkv"),
+                   "--run-dir", str(tmp_path / name), "--quiet", *ARGS, *extra, env=env)
+
+    rc, err = finish(start("straight"))
+    assert rc == 0, err
+    rc, _ = finish(start("crashed", env={"FIFO_STREAM_FAULT": "frame:5"}))
+    assert rc == -signal.SIGKILL
+    rc, err = finish(cli("resume", str(tmp_path / "crashed"), "--quiet"))
+    assert rc == 0, err
+    assert manifest(tmp_path / "crashed")["frame_sha256"] == manifest(tmp_path / "straight")["frame_sha256"]
