@@ -93,6 +93,10 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "sampling.tail_noise", str, lambda v: v in ("iid", "mixed", "progressive", "coherent"), "iid, mixed, progressive or coherent")
     _check(cfg, "sampling.noise_alpha", (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")
     _check(cfg, "sampling.noise_cutoff", (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    _check(cfg, "consistency.qcache.enabled", bool)
+    _check(cfg, "consistency.qcache.strength", (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    if cfg.consistency.qcache.strength_min is not None:
+        _check(cfg, "consistency.qcache.strength_min", (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1] or null")
     _check(cfg, "video.fps", int, positive, "a positive integer")
     _check(cfg, "output.crf", int, lambda v: 0 <= v <= 63, "an integer from 0 to 63")
     _check(cfg, "output.preset", str)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from .fifo import FifoEngine, FifoSettings
 from .model import VideoModel
 from .noise import make_noise
+from .qcache import QCache
 from .sampling import sample_ddim
 
 
@@ -57,6 +58,18 @@ class FrameStream:
         )
         self.skip = settings.warmup_frames if cfg.sampling.discard_warmup else 0
         self.emitted = 0
+        q = cfg.consistency.qcache
+        self.qcache = (
+            QCache(model.unet, None if q.pairs is None else dict(q.pairs), q.strength, q.strength_min, len(model.alphas))
+            if q.enabled
+            else None
+        )
+
+    def close(self) -> None:
+        """Uninstall the consistency controls from the (shared) model."""
+        if self.qcache is not None:
+            self.qcache.remove()
+            self.qcache = None
 
     def start(self) -> None:
         """Sample the base clip with plain DDIM and noise it into the queue."""
@@ -98,8 +111,11 @@ class FrameStream:
 def generate(model: VideoModel, cfg: DictConfig, prompt: str, frames: int, seed: int = 0, progress: bool = True) -> Iterator[np.ndarray]:
     """Yield ``frames`` frames for ``prompt`` with a progress bar on a TTY."""
     stream = FrameStream(model, cfg, prompt, seed)
-    with tqdm(total=frames, unit="frame", disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True) as bar:
-        for _ in range(frames):
-            frame = next(stream)
-            bar.update(1)
-            yield frame
+    try:
+        with tqdm(total=frames, unit="frame", disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True) as bar:
+            for _ in range(frames):
+                frame = next(stream)
+                bar.update(1)
+                yield frame
+    finally:
+        stream.close()

@@ -256,6 +256,7 @@ def execute(run: RunDir, model, cfg: DictConfig, identity: str, progress: bool =
         checkpoint()
     finally:
         bar.close()
+        stream.close()
         errors = _close_all([bg for bg, _ in writers.values()] + live)
     if failure is not None:
         raise OutputLost(f"{failure}; {stream.emitted} frames are saved: continue with 'fifo-stream resume {run.path}'") from None

@@ -173,10 +173,12 @@ def test_rtmp_unreachable_is_one_line(tmp_path):
     assert rc != 0 and len(lines) == 1 and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("noise", ["mixed", "coherent"])
-def test_tail_noise_models_resume_frame_identically(tmp_path, noise):
-    extra = [f"sampling.tail_noise={noise}"]
-
+@pytest.mark.parametrize(
+    "extra",
+    [["sampling.tail_noise=mixed"], ["sampling.tail_noise=coherent"], ["consistency.qcache.enabled=true", "consistency.qcache.strength_min=0.2"]],
+    ids=["mixed-noise", "coherent-noise", "qcache"],
+)
+def test_consistency_controls_resume_frame_identically(tmp_path, extra):
     def start(name, env=None):
         return cli("generate", "a red circle", "--frames", "8", "--checkpoint-every", "3", "--out", str(tmp_path / f"{name}.mkv"),
                    "--run-dir", str(tmp_path / name), "--quiet", *ARGS, *extra, env=env)
