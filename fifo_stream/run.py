@@ -13,6 +13,7 @@ frames are done; listed segments beyond that, and unlisted files, are discarded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from .durable import atomic_write
 from .errors import FifoStreamError
 from .pipeline import FrameStream
-from .sinks import BackgroundSink, SegmentWriter, Sink, SinkError, join_segments, open_sink, validate_target
+from .sinks import BackgroundSink, MultiSink, SegmentWriter, Sink, SinkError, join_segments, open_sink, validate_target
 
 RUN_FILE, MANIFEST, STATE, CONFIG, SEGMENTS = "run.json", "manifest.json", "state.pt", "config.yaml", "segments"
 # Crash tests: "point:N" makes the process SIGKILL itself at a checkpoint step
@@ -216,8 +217,10 @@ def execute(run: RunDir, model, cfg: DictConfig, identity: str, progress: bool =
             else:
                 live.append(open_sink(target, w, h, fps))  # RTMP paces on its own thread
     except FifoStreamError:
-        _close_all([bg for bg, _ in writers.values()] + live)
+        with contextlib.suppress(Exception):  # the open failure is the error to report
+            MultiSink([bg for bg, _ in writers.values()] + live).close()
         raise
+    outputs = MultiSink([bg for bg, _ in writers.values()] + live)
 
     checkpoints = 0
 
@@ -236,16 +239,14 @@ def execute(run: RunDir, model, cfg: DictConfig, identity: str, progress: bool =
         run.save_state({"stream": stream.state_dict(), "fingerprint": identity}, lambda: _fault("state", checkpoints))
 
     failure: BaseException | None = None
+    close_error: BaseException | None = None
     bar = tqdm(total=spec.frames, initial=stream.emitted, unit="frame", disable=not progress, dynamic_ncols=True)
     try:
         with _StopFlag() as stop:
             while stream.emitted < spec.frames and stop.signum is None:
                 frame = next(stream)
                 manifest["frame_sha256"].append(hashlib.sha256(np.ascontiguousarray(frame).tobytes()).hexdigest())
-                for bg, _ in writers.values():
-                    bg.write(frame)
-                for sink in live:
-                    sink.write(frame)
+                outputs.write(frame)
                 bar.update(1)
                 _fault("frame", stream.emitted)
                 if stream.emitted % spec.checkpoint_every == 0 and stream.emitted < spec.frames:
@@ -257,25 +258,19 @@ def execute(run: RunDir, model, cfg: DictConfig, identity: str, progress: bool =
     finally:
         bar.close()
         stream.close()
-        errors = _close_all([bg for bg, _ in writers.values()] + live)
+        try:
+            outputs.close()
+        except BaseException as e:  # reported below, after the failure or stop that may explain it
+            close_error = e
     if failure is not None:
         raise OutputLost(f"{failure}; {stream.emitted} frames are saved: continue with 'fifo-stream resume {run.path}'") from None
     if stop.signum is not None:
         name = signal.Signals(stop.signum).name
         raise Interrupted(f"stopped by {name} after {stream.emitted} frames; checkpoint saved: continue with 'fifo-stream resume {run.path}'", stop.signum)
-    if errors:
-        raise errors[0]
+    if close_error is not None:
+        raise close_error
     for key, segments in manifest["segments"].items():
         join_segments([run.segments / s["file"] for s in segments], spec.outputs[int(key)])
     manifest["finished"] = True
     run.write_manifest(manifest)
 
-
-def _close_all(sinks: list[Sink]) -> list[BaseException]:
-    errors = []
-    for sink in sinks:
-        try:
-            sink.close()
-        except BaseException as e:  # close every sink even when one fails
-            errors.append(e)
-    return errors

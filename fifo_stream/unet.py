@@ -329,7 +329,6 @@ class UNet3D(nn.Module):
                 self.output_blocks.append(UNetBlock(layers))
 
         self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
-        self.downsampling_factor = 2 ** (len(channel_mult) - 1)
         for name, module in self.named_modules():
             if isinstance(module, Attention):
                 module.name = name
