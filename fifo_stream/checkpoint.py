@@ -91,6 +91,20 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a .safetensors file (empty for other formats)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+
+
 def extract(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under ``prefix``, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -128,8 +142,13 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what
     module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False, assign=on_meta)
 
 
-def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-    """Write a flat state dict as safetensors, casting floating tensors to ``dtype`` if given."""
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a flat state dict (and string ``metadata``) as safetensors, casting floating tensors to ``dtype`` if given."""
     from safetensors.torch import save_file
 
     out = {}
@@ -138,7 +157,7 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
             v = v.to(dtype)
         out[k] = v.contiguous()
     tmp = Path(str(path) + ".tmp")
-    save_file(out, str(tmp))
+    save_file(out, str(tmp), metadata=dict(metadata) if metadata else None)
     os.replace(tmp, path)
 
 

@@ -20,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="config name in configs/ or a YAML path (default: tiny-random)")
+    p.add_argument("--config", default=None, help="config name in configs/ or a YAML path (default: $FIFO_STREAM_CONFIG, else tiny, the embedded model)")
     p.add_argument("--ckpt", default=None, help="model checkpoint (.ckpt or .safetensors); overrides model.checkpoint")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of a checkpoint you trust (can run code)")
 
@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate a video from a text prompt")
     gen.add_argument("prompt")
-    length = gen.add_mutually_exclusive_group(required=True)
+    length = gen.add_mutually_exclusive_group()
     length.add_argument("--frames", type=int, help="number of frames to emit")
-    length.add_argument("--seconds", type=float, help="length in seconds at video.fps")
+    length.add_argument("--seconds", type=float, default=30.0, help="length in seconds at video.fps (default 30)")
     gen.add_argument("--out", action="append", required=True, help="output: file.mp4|.mkv|.webm, '-' (stdout), rtmp://..., or dir/ for PNGs; repeatable")
     gen.add_argument("--pipe-format", choices=["matroska", "nut", "mpegts", "rawvideo"], default="matroska", help="container for --out - (default matroska)")
     gen.add_argument("--seed", type=int, default=0)
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_convert(args) -> None:
     import torch
 
-    from .checkpoint import read_state_dict, save_safetensors
+    from .checkpoint import read_metadata, read_state_dict, save_safetensors
 
     src, dst = Path(args.input), Path(args.output)
     if dst.suffix != ".safetensors":
@@ -74,7 +74,7 @@ def cmd_convert(args) -> None:
         raise FifoStreamError(f"output directory {dst.parent} does not exist")
     state = read_state_dict(src, trust=args.trust_checkpoint)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
-    save_safetensors(state, dst, dtype)
+    save_safetensors(state, dst, dtype, read_metadata(src))
     print(f"wrote {len(state)} tensors to {dst}", file=sys.stderr)
 
 
@@ -94,12 +94,12 @@ def cmd_generate(args) -> None:
     import re
     import time
 
-    from .config import DEFAULT_CONFIG, load_config
+    from .config import default_config, load_config
     from .model import load_model
     from .run import RUN_FILE, RunDir, RunError, RunSpec, execute, fingerprint
     from .sinks import validate_target
 
-    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    cfg = load_config(args.config or default_config(), args.overrides)
     frames = args.frames if args.frames is not None else round(args.seconds * cfg.video.fps)
     if frames < 1:
         raise FifoStreamError(f"the video must have at least one frame (got {frames}); pass --frames N or --seconds S with N, S > 0")
@@ -113,6 +113,7 @@ def cmd_generate(args) -> None:
         raise RunError(f"{run_dir} already holds a run; continue it with 'fifo-stream resume {run_dir}' or choose another --run-dir")
     weights = _weights_path(cfg, args.ckpt)
     model = load_model(cfg, args.ckpt, trust=args.trust_checkpoint)
+    model.text_encoder.tokenizer([args.prompt, cfg.sampling.negative_prompt])  # refuse unknown words before writing anything
     spec = RunSpec(args.prompt, frames, list(args.out), args.seed, args.checkpoint_every, args.ckpt, args.pipe_format)
     run = RunDir.create(run_dir, spec, cfg)
     execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet))

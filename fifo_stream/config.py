@@ -6,17 +6,20 @@ with ``defaults:`` and may only set keys that exist there.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import FifoStreamError
+from .vae import spatial_factor
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
 SCHEMA = CONFIG_DIR / "videocrafter2.yaml"
-DEFAULT_CONFIG = "tiny-random"
+DEFAULT_CONFIG = "tiny"  # the embedded model, models/tiny-shapes.safetensors
+CONFIG_ENV = "FIFO_STREAM_CONFIG"  # overrides DEFAULT_CONFIG for commands run without --config
 
 
 class ConfigError(FifoStreamError):
@@ -48,9 +51,14 @@ def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
     return _read_chain((path.parent / parent) if not Path(parent).is_absolute() else Path(parent), seen + (path.resolve(),)) + [cfg]
 
 
-def load_config(name: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Load a config, apply ``key=value`` dotlist overrides, and validate it."""
-    chain = _read_chain(resolve_config_path(name))
+def default_config() -> str:
+    """The config used without ``--config``: $FIFO_STREAM_CONFIG, else the embedded model's."""
+    return os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+
+
+def load_config(name: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Load a config (default: :func:`default_config`), apply ``key=value`` dotlist overrides, and validate it."""
+    chain = _read_chain(resolve_config_path(name or default_config()))
     schema = OmegaConf.load(SCHEMA)
     OmegaConf.set_struct(schema, True)
     for item in overrides:
@@ -80,6 +88,10 @@ def validate(cfg: DictConfig) -> None:
     """Refuse settings that cannot run, naming the key and what it must be."""
     positive = lambda v: v > 0  # noqa: E731
     _check(cfg, "model.weights", str, lambda v: v in ("checkpoint", "random"), "'checkpoint' or 'random'")
+    _check(cfg, "model.vae.type", str, lambda v: v in ("autoencoder_kl", "pixel_shuffle"), "autoencoder_kl or pixel_shuffle")
+    if cfg.model.vae.type == "pixel_shuffle":
+        _check(cfg, "model.vae.factor", int, positive, "a positive integer (pixels per latent cell along each side)")
+    _check(cfg, "model.text_encoder.tokenizer", str, lambda v: v in ("clip_bpe", "words"), "clip_bpe or words")
     _check(cfg, "model.unet.temporal_length", int, lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2 (frames per window)")
     _check(cfg, "sampling.partitions", int, lambda v: v >= 1, "an integer >= 1")
     _check(cfg, "sampling.lookahead", bool)
@@ -102,7 +114,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "output.preset", str)
     if cfg.output.codec is not None:
         _check(cfg, "output.codec", str)
-    factor = 2 ** (len(cfg.model.vae.ch_mult) - 1) * 2 ** (len(cfg.model.unet.channel_mult) - 1)
+    factor = spatial_factor(cfg.model.vae) * 2 ** (len(cfg.model.unet.channel_mult) - 1)
     for key in ("video.height", "video.width"):
         _check(cfg, key, int, lambda v: v > 0 and v % factor == 0, f"a positive multiple of {factor} (the model's total downsampling)")
     _check(cfg, "runtime.dtype", str, lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16")

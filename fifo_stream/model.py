@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointError, extract, load_weights, read_state_dict
+from .checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointError, extract, load_weights, read_metadata, read_state_dict
 from .config import PROJECT_ROOT
 from .errors import FifoStreamError
 from .schedule import alphas_cumprod, scale_arr
 from .text_encoder import OpenCLIPTextTower, TextEncoder
+from .tokenizer import ClipTokenizer, WordTokenizer
 from .unet import UNet3D
-from .vae import build_vae, decode_latents, load_vae_weights, to_uint8
+from .vae import build_vae, decode_latents, load_vae_weights, spatial_factor, to_uint8
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# safetensors metadata of models with a word-level text encoder (see tokenizer.WordTokenizer)
+TOKENIZER_KEY, VOCAB_KEY = "fifo_stream.tokenizer", "fifo_stream.vocab"
 
 
 @dataclass
@@ -29,6 +33,7 @@ class VideoModel:
     scale_factor: float
     device: torch.device
     dtype: torch.dtype
+    spatial_factor: int  # pixels per latent cell along each side
 
     @property
     def frames_per_window(self) -> int:
@@ -81,17 +86,22 @@ def load_model(cfg: DictConfig, checkpoint: str | Path | None = None, trust: boo
     unet_cfg = OmegaConf.to_container(m.unet)
     vae_cfg = OmegaConf.to_container(m.vae)
     text_cfg = OmegaConf.to_container(m.text_encoder)
+    tokenizer_kind = text_cfg.pop("tokenizer")
 
     def build():
         return UNet3D(**unet_cfg), build_vae(vae_cfg), OpenCLIPTextTower(**text_cfg)
 
     if m.weights == "random" and checkpoint is None:
+        if tokenizer_kind == "words":
+            raise FifoStreamError("a words tokenizer needs its vocabulary from a checkpoint; set model.weights=checkpoint")
+        vocab = None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(m.seed))
             unet, vae, tower = build()
     else:
         path = resolve_checkpoint(checkpoint or m.checkpoint)
         state = read_state_dict(path, trust=trust)
+        vocab = checkpoint_vocab(path, tokenizer_kind)
         if not any(k.startswith(UNET_PREFIX) for k in state):
             raise CheckpointError(f"{path} has no '{UNET_PREFIX}*' weights; is it a VideoCrafter checkpoint?")
         with torch.device("meta"):
@@ -105,13 +115,33 @@ def load_model(cfg: DictConfig, checkpoint: str | Path | None = None, trust: boo
     if vae.dtype != dtype:
         vae.to(dtype)
     sched = m.schedule
+    tokenizer = ClipTokenizer(tower.context_length) if vocab is None else WordTokenizer(vocab, tower.context_length)
     return VideoModel(
         unet=unet.to(device, dtype).eval().requires_grad_(False),
         vae=vae.eval().requires_grad_(False),
-        text_encoder=TextEncoder(tower.to(device, dtype).eval().requires_grad_(False)),
+        text_encoder=TextEncoder(tower.to(device, dtype).eval().requires_grad_(False), tokenizer),
         alphas=alphas_cumprod(sched.num_train_timesteps, sched.linear_start, sched.linear_end),
         scales=scale_arr(sched.num_train_timesteps) if sched.use_scale else None,
         scale_factor=float(sched.scale_factor),
         device=device,
         dtype=dtype,
+        spatial_factor=spatial_factor(vae_cfg),
     )
+
+
+def checkpoint_vocab(path: Path, tokenizer_kind: str) -> list[str] | None:
+    """The word vocabulary a checkpoint stores, checked against the config's tokenizer (None for clip_bpe)."""
+    meta = read_metadata(path)
+    stored = meta.get(TOKENIZER_KEY, "clip_bpe")
+    if stored != tokenizer_kind:
+        raise CheckpointError(
+            f"{path} was made for the {stored!r} tokenizer but the config says {tokenizer_kind!r}; "
+            "pass the config that came with the checkpoint (--config)"
+        )
+    if stored != "words":
+        return None
+    try:
+        vocab = json.loads(meta[VOCAB_KEY])
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path} has no readable word vocabulary ({VOCAB_KEY} metadata); re-export it with tools/train.py") from None
+    return vocab

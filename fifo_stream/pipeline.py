@@ -42,7 +42,7 @@ class FrameStream:
     def __init__(self, model: VideoModel, cfg: DictConfig, prompt: str, seed: int = 0):
         self.model, self.cfg = model, cfg
         self.settings = settings = fifo_settings(cfg, model)
-        vae_factor = 2 ** (len(cfg.model.vae.ch_mult) - 1)
+        vae_factor = model.spatial_factor
         self.latent_shape = (1, model.unet.in_channels, cfg.video.height // vae_factor, cfg.video.width // vae_factor)
         self.seed = seed
         self.cond = model.encode_text([prompt])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FifoStreamError
-from .tokenizer import ClipTokenizer
+from .tokenizer import ClipTokenizer, WordTokenizer
 
 _LAYERS = {"last": 0, "penultimate": 1}
 
@@ -116,12 +116,16 @@ class OpenCLIPTextTower(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Prompts to VideoCrafter2 context: tokenizer followed by :class:`OpenCLIPTextTower`."""
+    """Prompts to U-Net context: a tokenizer followed by :class:`OpenCLIPTextTower`.
 
-    def __init__(self, tower: OpenCLIPTextTower | None = None):
+    The tokenizer is OpenCLIP's BPE (VideoCrafter2) unless another one, such as a
+    :class:`~fifo_stream.tokenizer.WordTokenizer` for a small grammar, is given.
+    """
+
+    def __init__(self, tower: OpenCLIPTextTower | None = None, tokenizer: ClipTokenizer | WordTokenizer | None = None):
         super().__init__()
         self.tower = tower if tower is not None else OpenCLIPTextTower()
-        self.tokenizer = ClipTokenizer(context_length=self.tower.context_length)
+        self.tokenizer = tokenizer if tokenizer is not None else ClipTokenizer(context_length=self.tower.context_length)
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> TextEncoder:
@@ -132,10 +136,13 @@ class TextEncoder(nn.Module):
             raise TextEncoderError(f"unknown text encoder config keys {unknown}; allowed: {sorted(allowed)}")
         return cls(OpenCLIPTextTower(**cfg))
 
+    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Context tensor (B, context_length, width) on the tower's device and dtype (differentiable, for training)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return self.tower(self.tokenizer(prompts).to(self.tower.token_embedding.weight.device))
+
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """Context tensor (B, context_length, width) on the tower's device and dtype, without autograd."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        tokens = self.tokenizer(prompts).to(self.tower.token_embedding.weight.device)
-        return self.tower(tokens)
+        return self(prompts)

@@ -137,3 +137,42 @@ class ClipTokenizer:
                 ids[-1] = eot
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
+
+
+class WordTokenizer:
+    """Whole-word tokenizer over a fixed vocabulary (small models trained on a caption grammar).
+
+    Ids: 0 padding, 1 ``<start_of_text>``, 2 ``<end_of_text>``, then ``vocab`` in order.
+    Words outside the vocabulary are refused with a one-line error listing it.
+    """
+
+    SPECIALS = ("<pad>", SOT, EOT)
+
+    def __init__(self, vocab: Sequence[str], context_length: int):
+        self.vocab = list(vocab)
+        self.context_length = context_length
+        self._ids = {w: i for i, w in enumerate(self.SPECIALS + tuple(self.vocab))}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def encode(self, text: str) -> list[int]:
+        words = regex.findall(r"[\p{L}\p{N}]+", _clean(text))
+        unknown = [w for w in words if w not in self._ids]
+        if unknown:
+            raise TokenizerError(
+                f"this model does not know the word(s) {', '.join(repr(w) for w in unknown[:3])}; "
+                f"it understands: {' '.join(self.vocab)}"
+            )
+        return [self._ids[w] for w in words]
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.LongTensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [1, *self.encode(text), 2]
+            if len(ids) > self.context_length:
+                raise TokenizerError(f"prompt has {len(ids) - 2} words; this model takes at most {self.context_length - 2}")
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out

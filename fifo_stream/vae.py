@@ -6,9 +6,12 @@ Checkpoint weights keep their LDM names; diffusers' own converter renames them.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Mapping
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .checkpoint import CheckpointError, load_weights
 from .errors import FifoStreamError
@@ -59,12 +62,56 @@ def diffusers_vae_config(cfg: Mapping) -> dict:
     }
 
 
-def build_vae(cfg: Mapping = VIDEOCRAFTER2_VAE) -> AutoencoderKL:
-    """An (uninitialised-weights) diffusers AutoencoderKL in eval mode; never touches the network.
+class PixelShuffleCodec(nn.Module):
+    """A lossless "first stage" for pixel-space models: space-to-depth by ``factor``.
 
-    Dropout in ``cfg`` is ignored: the model is only used for inference.
-    Build under ``torch.device("meta")`` to get a weightless skeleton.
+    Frames (b, 3, H, W) in [-1, 1] become latents (b, 3 factor^2, H/factor, W/factor) and back.
+    It has the AutoencoderKL methods the pipeline uses (``encode(x).latent_dist.mean``,
+    ``decode(z, return_dict=False)[0]``, ``device``, ``dtype``) and no weights.
     """
+
+    def __init__(self, factor: int):
+        super().__init__()
+        if factor < 1:
+            raise FifoStreamError(f"pixel_shuffle VAE factor must be >= 1, got {factor}")
+        self.factor = factor
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # carries device and dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    def encode(self, x: torch.Tensor):
+        mean = F.pixel_unshuffle(x, self.factor)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean))
+
+    def decode(self, z: torch.Tensor, return_dict: bool = False):
+        return (F.pixel_shuffle(z, self.factor),)
+
+
+def spatial_factor(cfg: Mapping) -> int:
+    """How many pixels one latent cell spans along each side."""
+    if cfg.get("type", "autoencoder_kl") == "pixel_shuffle":
+        return int(cfg["factor"])
+    return 2 ** (len(cfg["ch_mult"]) - 1)
+
+
+def build_vae(cfg: Mapping = VIDEOCRAFTER2_VAE) -> AutoencoderKL | PixelShuffleCodec:
+    """An (uninitialised-weights) first stage in eval mode; never touches the network.
+
+    ``type: autoencoder_kl`` (default) is a diffusers AutoencoderKL from LDM ``ddconfig``
+    keys (dropout ignored: inference only; build under ``torch.device("meta")`` for a
+    weightless skeleton); ``type: pixel_shuffle`` is the weightless :class:`PixelShuffleCodec`.
+    """
+    kind = cfg.get("type", "autoencoder_kl")
+    if kind == "pixel_shuffle":
+        return PixelShuffleCodec(int(cfg["factor"])).eval()
+    if kind != "autoencoder_kl":
+        raise FifoStreamError(f"unknown VAE type {kind!r}; use autoencoder_kl or pixel_shuffle")
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(**diffusers_vae_config(cfg)).eval().requires_grad_(False)
@@ -102,8 +149,13 @@ def _convert(ldm_state: Mapping[str, torch.Tensor], config: Mapping) -> dict[str
         ) from None
 
 
-def load_vae_weights(vae: AutoencoderKL, ldm_state: Mapping[str, torch.Tensor]) -> None:
+def load_vae_weights(vae: AutoencoderKL | PixelShuffleCodec, ldm_state: Mapping[str, torch.Tensor]) -> None:
     """Load LDM VAE weights (``first_stage_model.`` prefix removed) strictly into ``vae``."""
+    if isinstance(vae, PixelShuffleCodec):
+        if ldm_state:
+            raise CheckpointError(f"checkpoint has {len(ldm_state)} VAE weights but the config's VAE is pixel_shuffle; check --config")
+        vae.to_empty(device="cpu")  # built on the meta device: only the anchor's device and dtype matter
+        return
     load_weights(vae, convert_vae_state_dict(vae, ldm_state), "VAE")
 
 

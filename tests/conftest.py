@@ -6,6 +6,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("FIFO_STREAM_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+# Commands run without --config use the fast random-weight model; tests of the embedded
+# default model (tests/test_tiny_model.py) name it or clear this.
+os.environ["FIFO_STREAM_CONFIG"] = "tiny-random"
 
 
 def load_fixture(name: str):

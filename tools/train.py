@@ -1,0 +1,185 @@
+"""Train the embedded model (configs/tiny.yaml) on the procedural shapes world.
+
+    python tools/train.py --steps 4000 --out models/tiny-shapes.safetensors
+
+eps prediction on the model's (VideoCrafter) noise schedule, classifier-free guidance
+dropout, AdamW with warm-up and cosine decay, and an EMA of the weights (the EMA is
+what gets exported). Half of the batches use one timestep per clip (as in plain DDIM);
+the other half use per-frame timesteps from the FIFO ladder the sampler uses, so the
+model sees the staggered noise levels of FIFO windows during training.
+
+Resumable: a training state is written atomically every ``--save-every`` steps to
+``--state`` and picked up automatically; the loss is logged to stdout and ``--log``
+(JSON lines). The clips of step k are a pure function of ``--seed`` and k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fifo_stream import world  # noqa: E402
+from fifo_stream.checkpoint import TEXT_PREFIX, UNET_PREFIX, save_safetensors  # noqa: E402
+from fifo_stream.config import load_config  # noqa: E402
+from fifo_stream.durable import atomic_write  # noqa: E402
+from fifo_stream.model import TOKENIZER_KEY, VOCAB_KEY  # noqa: E402
+from fifo_stream.schedule import alphas_cumprod, fifo_timesteps  # noqa: E402
+from fifo_stream.text_encoder import OpenCLIPTextTower, TextEncoder  # noqa: E402
+from fifo_stream.tokenizer import WordTokenizer  # noqa: E402
+from fifo_stream.unet import UNet3D  # noqa: E402
+from fifo_stream.vae import build_vae  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--out", default="models/tiny-shapes.safetensors")
+    p.add_argument("--state", default="runs/train/state.pt", help="resumable training state")
+    p.add_argument("--log", default="runs/train/log.jsonl")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=4, help="clips per step")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
+    p.add_argument("--fifo-fraction", type=float, default=0.5, help="fraction of batches with FIFO per-frame timesteps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p.parse_args(argv)
+
+
+def build(cfg) -> tuple[UNet3D, TextEncoder]:
+    text_cfg = OmegaConf.to_container(cfg.model.text_encoder)
+    text_cfg.pop("tokenizer")
+    tower = OpenCLIPTextTower(**text_cfg)
+    tokenizer = WordTokenizer(world.VOCAB, tower.context_length)
+    if len(tokenizer) != tower.token_embedding.num_embeddings:
+        raise SystemExit(f"config text_encoder.vocab_size must be {len(tokenizer)} for the world's vocabulary")
+    return UNet3D(**OmegaConf.to_container(cfg.model.unet)), TextEncoder(tower, tokenizer)
+
+
+def batch(cfg, codec, step: int, args, device) -> tuple[torch.Tensor, list[str]]:
+    """Clean latents (B, c, f, h, w) and captions of training step ``step``."""
+    size, f = cfg.video.height, cfg.model.unet.temporal_length
+    clips, captions = [], []
+    rng = np.random.default_rng([args.seed, step])
+    for i in range(args.batch):
+        video, text = world.sample_clip(int(rng.integers(2**62)), size, f)
+        clips.append(video)
+        captions.append("" if rng.random() < args.cfg_dropout else text)
+    pixels = torch.from_numpy(np.stack(clips)).to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # b t 3 H W
+    b, t = pixels.shape[:2]
+    z = codec.encode(pixels.flatten(0, 1)).latent_dist.mean * cfg.model.schedule.scale_factor
+    return z.unflatten(0, (b, t)).transpose(1, 2), captions
+
+
+def timesteps(cfg, step: int, args, b: int, device) -> torch.Tensor:
+    """(b, f) timesteps: one per clip, or a window of the FIFO ladder (with its lookahead head)."""
+    f = cfg.model.unet.temporal_length
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    n = cfg.model.schedule.num_train_timesteps
+    if torch.rand((), generator=g) >= args.fifo_fraction:
+        return torch.randint(0, n, (b, 1), generator=g).expand(b, f).to(device)
+    ladder = fifo_timesteps(f * cfg.sampling.partitions, n)
+    start = torch.randint(-f // 2, len(ladder) - f + 1, (b, 1), generator=g)
+    return ladder[(start + torch.arange(f)).clamp(min=0)].to(device)
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def export(path: Path, ema: dict, cfg, step: int, loss: float) -> None:
+    state = {UNET_PREFIX + k[len("unet."):]: v for k, v in ema.items() if k.startswith("unet.")}
+    state.update({TEXT_PREFIX + k[len("text.tower."):]: v for k, v in ema.items() if k.startswith("text.tower.")})
+    meta = {
+        TOKENIZER_KEY: "words",
+        VOCAB_KEY: json.dumps(list(world.VOCAB)),
+        "fifo_stream.config": cfg.model.name,
+        "fifo_stream.steps": str(step),
+        "fifo_stream.ema_loss": f"{loss:.5f}",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(state, path, torch.float16, meta)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    cfg = load_config(args.config)
+    torch.manual_seed(args.seed)
+    unet, text = build(cfg)
+    model = torch.nn.ModuleDict({"unet": unet, "text": text}).to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    codec = build_vae(OmegaConf.to_container(cfg.model.vae)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    alphas = alphas_cumprod(cfg.model.schedule.num_train_timesteps, cfg.model.schedule.linear_start, cfg.model.schedule.linear_end)
+    alphas = alphas.float().to(device)
+
+    state_path, log_path = Path(args.state), Path(args.log)
+    step, smooth = 0, None
+    if state_path.exists():
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        step, smooth = st["step"], st["smooth"]
+        print(f"resumed from {state_path} at step {step}", flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}", flush=True)
+
+    t0 = time.time()
+    while step < args.steps:
+        x0, captions = batch(cfg, codec, step, args, device)
+        t = timesteps(cfg, step, args, x0.shape[0], device)
+        g = torch.Generator(device=device).manual_seed(args.seed * 7919 + step)
+        eps = torch.randn(x0.shape, generator=g, device=device)
+        a = alphas[t][:, None, :, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = F.mse_loss(unet(xt, t, text(captions), cfg.video.fps), eps)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - args.ema)
+        step += 1
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        if step % 50 == 0 or step == args.steps:
+            rec = {"step": step, "loss": round(loss.item(), 5), "smooth_loss": round(smooth, 5), "lr": lr_at(step - 1, args), "elapsed_s": round(time.time() - t0, 1)}
+            print(json.dumps(rec), flush=True)
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if step % args.save_every == 0 or step == args.steps:
+            buf = io.BytesIO()
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "smooth": smooth}, buf)
+            atomic_write(state_path, buf.getvalue())
+            export(Path(args.out), ema.state_dict(), cfg, step, smooth)
+    print(f"done: {step} steps, smoothed loss {smooth:.4f}, weights in {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
