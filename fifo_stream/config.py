@@ -91,12 +91,15 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "model.vae.type", str, lambda v: v in ("autoencoder_kl", "pixel_shuffle"), "autoencoder_kl or pixel_shuffle")
     if cfg.model.vae.type == "pixel_shuffle":
         _check(cfg, "model.vae.factor", int, positive, "a positive integer (pixels per latent cell along each side)")
+        _check(cfg, "model.vae.upscale", int, positive, "a positive integer")
     _check(cfg, "model.text_encoder.tokenizer", str, lambda v: v in ("clip_bpe", "words"), "clip_bpe or words")
     _check(cfg, "model.unet.temporal_length", int, lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2 (frames per window)")
     _check(cfg, "sampling.partitions", int, lambda v: v >= 1, "an integer >= 1")
     _check(cfg, "sampling.lookahead", bool)
     _check(cfg, "sampling.guidance_scale", (int, float), need="a number")
     _check(cfg, "sampling.eta", (int, float), lambda v: v >= 0, "a number >= 0")
+    if cfg.sampling.clip_x0 is not None:
+        _check(cfg, "sampling.clip_x0", (int, float), positive, "a positive number or null")
     _check(cfg, "sampling.discard_warmup", bool)
     _check(cfg, "sampling.mode", str, lambda v: v in ("batched", "sequential"), "'batched' or 'sequential'")
     _check(cfg, "sampling.vae_batch", int, positive, "a positive integer")

@@ -33,6 +33,7 @@ class FifoSettings:
     eta: float = 1.0
     fps: int = 8
     use_scale: bool = False
+    clip_x0: float | None = None  # clamp predicted clean latents (pixel-space models)
 
     def __post_init__(self):
         if self.frames < 2 or self.frames % 2:
@@ -186,7 +187,7 @@ class FifoEngine:
         """DDIM step of the latents ``x`` that sit in queue ``slots``."""
         n = noise[:, :, slots] if noise is not None else None
         s_t, s_prev = (v[:, :, slots] if v is not None else 1.0 for v in (self._s_t, self._s_prev))
-        return ddim_step(x, eps, self._a_t[:, :, slots], self._a_prev[:, :, slots], self.settings.eta, n, s_t, s_prev)
+        return ddim_step(x, eps, self._a_t[:, :, slots], self._a_prev[:, :, slots], self.settings.eta, n, s_t, s_prev, self.settings.clip_x0)
 
     def _sequential(self, q, cond, uncond, noise):
         s = self.settings

@@ -27,6 +27,7 @@ def fifo_settings(cfg: DictConfig, model: VideoModel) -> FifoSettings:
         eta=float(s.eta),
         fps=cfg.video.fps,
         use_scale=bool(cfg.model.schedule.use_scale),
+        clip_x0=None if s.clip_x0 is None else float(s.clip_x0),
     )
 
 
@@ -75,7 +76,7 @@ class FrameStream:
         unet = lambda x, t, ctx: self.model.unet(x, t, ctx, self.settings.fps)  # noqa: E731
         clip = sample_ddim(
             unet, noise, self.cond, self.uncond, self.model.alphas, self.settings.steps,
-            self.settings.guidance_scale, self.settings.eta, g, self.model.scales,
+            self.settings.guidance_scale, self.settings.eta, g, self.model.scales, self.settings.clip_x0,
         )
         self.engine.start_from_clip(clip)
 

@@ -42,12 +42,18 @@ def ddim_step(
     noise: torch.Tensor | None = None,
     scale_t: torch.Tensor | float = 1.0,
     scale_prev: torch.Tensor | float = 1.0,
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
     """One DDIM update x_t -> x_prev; ``a_t``/``a_prev`` broadcast against ``x`` (per slot or scalar).
 
     ``scale_t``/``scale_prev`` are VideoCrafter2's optional ``use_scale`` factors (1 = off).
+    ``clip_x0`` clamps the predicted clean sample to [-clip_x0, clip_x0] and re-derives eps
+    from it (DDPM's ``clip_denoised``, for pixel-space models whose data is bounded).
     """
     pred_x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt() / scale_t
+    if clip_x0 is not None:
+        pred_x0 = pred_x0.clamp(-clip_x0, clip_x0)
+        eps = (x - a_t.sqrt() * scale_t * pred_x0) / (1 - a_t).sqrt()
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
     x_prev = a_prev.sqrt() * scale_prev * pred_x0 + (1 - a_prev - sigma**2).sqrt() * eps
     if eta > 0:
@@ -67,10 +73,11 @@ def sample_ddim(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     scales: torch.Tensor | None = None,
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
     """Plain guided DDIM from ``noise`` (b, c, f, h, w) over VideoCrafter's uniform timesteps.
 
-    ``scales`` is the optional ``use_scale`` array indexed by timestep.
+    ``scales`` is the optional ``use_scale`` array indexed by timestep; ``clip_x0`` as in :func:`ddim_step`.
     """
     ts = ddim_timesteps(steps, len(alphas))
     a_t, a_prev = (v.float() for v in step_values(alphas, ts))
@@ -81,5 +88,5 @@ def sample_ddim(
         t = torch.full((b, f), int(ts[i]), device=x.device)
         eps = guided_eps(unet, x, t, cond, uncond, scale)
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
-        x = ddim_step(x, eps, a_t[i].to(x), a_prev[i].to(x), eta, z, s_t[i].to(x), s_prev[i].to(x))
+        x = ddim_step(x, eps, a_t[i].to(x), a_prev[i].to(x), eta, z, s_t[i].to(x), s_prev[i].to(x), clip_x0)
     return x

@@ -63,18 +63,20 @@ def diffusers_vae_config(cfg: Mapping) -> dict:
 
 
 class PixelShuffleCodec(nn.Module):
-    """A lossless "first stage" for pixel-space models: space-to-depth by ``factor``.
+    """A weightless "first stage" for pixel-space models: space-to-depth by ``factor``.
 
-    Frames (b, 3, H, W) in [-1, 1] become latents (b, 3 factor^2, H/factor, W/factor) and back.
-    It has the AutoencoderKL methods the pipeline uses (``encode(x).latent_dist.mean``,
-    ``decode(z, return_dict=False)[0]``, ``device``, ``dtype``) and no weights.
+    Frames (b, 3, H, W) in [-1, 1] are averaged over ``upscale`` x ``upscale`` blocks, then
+    folded into latents (b, 3 factor^2, H/(factor upscale), W/(factor upscale)); decoding
+    unfolds and repeats each pixel ``upscale`` times (nearest). With ``upscale`` 1 it is
+    lossless. It has the AutoencoderKL methods the pipeline uses
+    (``encode(x).latent_dist.mean``, ``decode(z, return_dict=False)[0]``, ``device``, ``dtype``).
     """
 
-    def __init__(self, factor: int):
+    def __init__(self, factor: int, upscale: int = 1):
         super().__init__()
-        if factor < 1:
-            raise FifoStreamError(f"pixel_shuffle VAE factor must be >= 1, got {factor}")
-        self.factor = factor
+        if factor < 1 or upscale < 1:
+            raise FifoStreamError(f"pixel_shuffle VAE factor and upscale must be >= 1, got {factor} and {upscale}")
+        self.factor, self.upscale = factor, upscale
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # carries device and dtype
 
     @property
@@ -86,17 +88,17 @@ class PixelShuffleCodec(nn.Module):
         return self._anchor.dtype
 
     def encode(self, x: torch.Tensor):
-        mean = F.pixel_unshuffle(x, self.factor)
+        mean = F.pixel_unshuffle(F.avg_pool2d(x, self.upscale), self.factor)
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean))
 
     def decode(self, z: torch.Tensor, return_dict: bool = False):
-        return (F.pixel_shuffle(z, self.factor),)
+        return (F.interpolate(F.pixel_shuffle(z, self.factor), scale_factor=self.upscale, mode="nearest"),)
 
 
 def spatial_factor(cfg: Mapping) -> int:
     """How many pixels one latent cell spans along each side."""
     if cfg.get("type", "autoencoder_kl") == "pixel_shuffle":
-        return int(cfg["factor"])
+        return int(cfg["factor"]) * int(cfg.get("upscale") or 1)
     return 2 ** (len(cfg["ch_mult"]) - 1)
 
 
@@ -109,7 +111,7 @@ def build_vae(cfg: Mapping = VIDEOCRAFTER2_VAE) -> AutoencoderKL | PixelShuffleC
     """
     kind = cfg.get("type", "autoencoder_kl")
     if kind == "pixel_shuffle":
-        return PixelShuffleCodec(int(cfg["factor"])).eval()
+        return PixelShuffleCodec(int(cfg["factor"]), int(cfg.get("upscale") or 1)).eval()
     if kind != "autoencoder_kl":
         raise FifoStreamError(f"unknown VAE type {kind!r}; use autoencoder_kl or pixel_shuffle")
     from diffusers import AutoencoderKL

@@ -1,6 +1,6 @@
 """Train the embedded model (configs/tiny.yaml) on the procedural shapes world.
 
-    python tools/train.py --steps 4000 --out models/tiny-shapes.safetensors
+    python tools/train.py --steps 2000 --out models/tiny-shapes.safetensors
 
 eps prediction on the model's (VideoCrafter) noise schedule, classifier-free guidance
 dropout, AdamW with warm-up and cosine decay, and an EMA of the weights (the EMA is
@@ -49,10 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="models/tiny-shapes.safetensors")
     p.add_argument("--state", default="runs/train/state.pt", help="resumable training state")
     p.add_argument("--log", default="runs/train/log.jsonl")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=4, help="clips per step")
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
     p.add_argument("--fifo-fraction", type=float, default=0.5, help="fraction of batches with FIFO per-frame timesteps")
@@ -71,6 +71,27 @@ def build(cfg) -> tuple[UNet3D, TextEncoder]:
     if len(tokenizer) != tower.token_embedding.num_embeddings:
         raise SystemExit(f"config text_encoder.vocab_size must be {len(tokenizer)} for the world's vocabulary")
     return UNet3D(**OmegaConf.to_container(cfg.model.unet)), TextEncoder(tower, tokenizer)
+
+
+def zero_init(unet: UNet3D) -> None:
+    """Zero the last layer of every residual branch and the output, as upstream initialises.
+
+    Each block then starts as the identity, which makes a freshly built U-Net train fast.
+    """
+    from fifo_stream.unet import ResBlock, TemporalConvBlock
+
+    last = [unet.out[-1]]
+    for name, module in unet.named_modules():
+        if isinstance(module, ResBlock):
+            last.append(module.out_layers[-1])
+        elif isinstance(module, TemporalConvBlock):
+            last.append(module.conv4[-1])
+        elif name.endswith("proj_out"):
+            last.append(module)
+    for layer in last:
+        torch.nn.init.zeros_(layer.weight)
+        if layer.bias is not None:
+            torch.nn.init.zeros_(layer.bias)
 
 
 def batch(cfg, codec, step: int, args, device) -> tuple[torch.Tensor, list[str]]:
@@ -129,6 +150,7 @@ def main(argv=None) -> None:
     cfg = load_config(args.config)
     torch.manual_seed(args.seed)
     unet, text = build(cfg)
+    zero_init(unet)
     model = torch.nn.ModuleDict({"unet": unet, "text": text}).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     codec = build_vae(OmegaConf.to_container(cfg.model.vae)).to(device)
@@ -163,9 +185,10 @@ def main(argv=None) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))  # short memory early on, so the EMA forgets the init
         with torch.no_grad():
             for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - args.ema)
+                e.lerp_(p, 1 - decay)
         step += 1
         smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
         if step % 50 == 0 or step == args.steps:
