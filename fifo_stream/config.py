@@ -105,9 +105,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "sampling.vae_batch", int, positive, "a positive integer")
     if cfg.sampling.max_batch is not None:
         _check(cfg, "sampling.max_batch", int, positive, "a positive integer or null")
-    _check(cfg, "sampling.tail_noise", str, lambda v: v in ("iid", "mixed", "progressive", "coherent"), "iid, mixed, progressive or coherent")
+    noises = ("iid", "mixed", "progressive", "coherent", "dependency")
+    _check(cfg, "sampling.tail_noise", str, lambda v: v in noises, "iid, mixed, progressive, coherent or dependency")
     _check(cfg, "sampling.noise_alpha", (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")
     _check(cfg, "sampling.noise_cutoff", (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    _check(cfg, "sampling.noise_candidates", int, lambda v: v >= 1, "an integer >= 1")
     _check(cfg, "consistency.qcache.enabled", bool)
     _check(cfg, "consistency.qcache.strength", (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")
     if cfg.consistency.qcache.strength_min is not None:

@@ -50,7 +50,10 @@ class FrameStream:
         self.uncond = model.encode_text([cfg.sampling.negative_prompt])
         self.engine = FifoEngine(
             model.unet, model.alphas, settings,
-            make_noise(cfg.sampling.tail_noise, self.latent_shape, seed + 2, model.device, cfg.sampling.noise_alpha, cfg.sampling.noise_cutoff),
+            make_noise(
+                cfg.sampling.tail_noise, self.latent_shape, seed + 2, model.device,
+                cfg.sampling.noise_alpha, cfg.sampling.noise_cutoff, cfg.sampling.noise_candidates,
+            ),
             seed=seed + 1, mode=cfg.sampling.mode, max_batch=cfg.sampling.max_batch, scales=model.scales,
         )
         self.skip = settings.warmup_frames if cfg.sampling.discard_warmup else 0
