@@ -100,6 +100,7 @@ def cmd_generate(args) -> None:
 
     from .config import default_config, load_config
     from .model import load_model
+    from .refbank import select_layers
     from .run import RUN_FILE, RunDir, RunError, RunSpec, execute, fingerprint
     from .sinks import validate_target
     from .storyboard import Storyboard
@@ -127,6 +128,8 @@ def cmd_generate(args) -> None:
     weights = _weights_path(cfg, args.ckpt)
     model = load_model(cfg, args.ckpt, trust=args.trust_checkpoint)
     model.text_encoder.tokenizer([*storyboard.prompts, cfg.sampling.negative_prompt])  # refuse unknown words before writing anything
+    if cfg.consistency.refbank.enabled:
+        select_layers(model.unet, cfg.consistency.refbank.layers)  # refuse bad layers before creating the run
     spec = RunSpec(storyboard.scenes[0][1], frames, list(args.out), args.seed, args.checkpoint_every, args.ckpt, args.pipe_format, storyboard.to_json())
     run = RunDir.create(run_dir, spec, cfg)
     execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet))
