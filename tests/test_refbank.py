@@ -164,7 +164,7 @@ class Probe:
 def test_each_level_is_filled_by_the_first_frame_at_or_after_the_reference(unet, bank_of, lookahead):
     # The frame at level k during tick T leaves the queue at tick T + k, so level k is first
     # recorded at tick max(0, reference - k).
-    reference = 5
+    reference = 3
     bank = bank_of(levels=LEVELS, reference_tick=reference, layers=["output_blocks.3"])
     engine = make_engine(unet, bank, lookahead=lookahead)
     filled_at = {}
@@ -230,12 +230,12 @@ def test_bank_costs_no_extra_unet_calls(unet, bank_of):
 def test_batched_sequential_and_max_batch_agree(unet, bank_of):
     runs = {}
     for mode, max_batch in (("batched", None), ("sequential", None), ("batched", 3)):
-        bank = bank_of(levels=LEVELS, momentum=0.5, weight=2.0, reference_tick=2)
+        bank = bank_of(levels=LEVELS, momentum=0.5, weight=2.0)
         engine = make_engine(unet, bank, mode=mode, max_batch=max_batch)
-        runs[mode, max_batch] = torch.stack([engine.step(COND, UNCOND) for _ in range(5)]), bank.state_dict()
+        runs[mode, max_batch] = torch.stack([engine.step(COND, UNCOND) for _ in range(3)]), bank.state_dict()
     ref, ref_state = runs["batched", None]
     plain = make_engine(unet)
-    assert not torch.allclose(torch.stack([plain.step(COND, UNCOND) for _ in range(5)]), ref, atol=1e-3)
+    assert not torch.allclose(torch.stack([plain.step(COND, UNCOND) for _ in range(3)]), ref, atol=1e-3)
     for out, state in runs.values():
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
         assert torch.equal(state["filled"], ref_state["filled"])
@@ -247,14 +247,14 @@ def test_batched_sequential_and_max_batch_agree(unet, bank_of):
 def test_state_round_trip_continues_identically(unet, bank_of):
     bank = bank_of(levels=LEVELS, momentum=0.5, reference_tick=1)
     engine = make_engine(unet, bank)
-    head = [engine.step(COND, UNCOND) for _ in range(2)]
+    engine.step(COND, UNCOND)
+    engine.step(COND, UNCOND)
     state = engine.state_dict()
     assert "refbank" in state and state["refbank"]["filled"].any()
-    tail = [engine.step(COND, UNCOND) for _ in range(3)]
+    tail = [engine.step(COND, UNCOND) for _ in range(2)]
     resumed = make_engine(unet, bank_of(levels=LEVELS, momentum=0.5, reference_tick=1))
     resumed.load_state_dict(state)
     assert all(torch.equal(a, resumed.step(COND, UNCOND)) for a in tail)
-    assert len(head) == 2
     without = make_engine(unet)
     with pytest.raises(FifoStreamError, match="reference bank"):
         make_engine(unet, bank_of(levels=LEVELS)).load_state_dict(without.state_dict())
