@@ -120,6 +120,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "consistency.refbank.enabled", bool)
     _check(cfg, "consistency.refbank.mode", str, lambda v: v in ("concat", "replace"), "concat or replace")
     _check(cfg, "consistency.refbank.weight", (int, float), positive, "a number > 0")
+    if cfg.consistency.refbank.mode == "replace" and cfg.consistency.refbank.weight != 1:
+        raise ConfigError("config consistency.refbank.weight only acts in concat mode (in replace mode the reference is the only key set); set it to 1")
     _check(cfg, "consistency.refbank.momentum", (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")
     _check(cfg, "consistency.refbank.reference", int, lambda v: v >= 0, "an emitted frame number >= 0")
     _check(cfg, "consistency.refbank.dtype", str, lambda v: v in ("fp16", "bf16", "fp32"), "fp16, bf16 or fp32")

@@ -19,7 +19,9 @@ start in the queue below some levels (the base clip's) leave those to the next f
 Later frames passing level k update it with momentum: bank_k <- mu bank_k + (1 - mu) K_new
 (mu = 1: fixed reference, mu = 0: the last frame's). Reads use the bank as it was before
 the tick and updates are applied after it, so the result does not depend on how the
-tick's rows are split into calls (batched, sequential, max_batch).
+tick's rows are split into calls (batched, sequential, max_batch). All of the bank's
+logic is here; the engine only describes its calls. Several ranks (torch.distributed)
+would each see only their own windows' recordings, so the bank is single-process.
 """
 
 from __future__ import annotations
