@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -29,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fifo-stream", description="Arbitrarily long text-to-video streaming with FIFO diagonal denoising.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    gen = sub.add_parser("generate", help="generate a video from a text prompt")
-    gen.add_argument("prompt")
+    gen = sub.add_parser("generate", help="generate a video from a text prompt (or a storyboard of prompts)")
+    gen.add_argument("prompt", nargs="?", help="the prompt (or the first prompt of a storyboard)")
+    gen.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="'[N:] TEXT'",
+                     help="storyboard prompt starting at emitted frame N (the first may leave out 'N:'); repeatable")
     length = gen.add_mutually_exclusive_group()
     length.add_argument("--frames", type=int, help="number of frames to emit")
     length.add_argument("--seconds", type=float, default=30.0, help="length in seconds at video.fps (default 30)")
@@ -91,30 +94,43 @@ def _progress(quiet: bool) -> bool:
 
 
 def cmd_generate(args) -> None:
-    import re
     import time
+
+    from omegaconf import OmegaConf
 
     from .config import default_config, load_config
     from .model import load_model
+    from .refbank import select_layers
     from .run import RUN_FILE, RunDir, RunError, RunSpec, execute, fingerprint
     from .sinks import validate_target
+    from .storyboard import Storyboard
 
     cfg = load_config(args.config or default_config(), args.overrides)
     frames = args.frames if args.frames is not None else round(args.seconds * cfg.video.fps)
     if frames < 1:
         raise FifoStreamError(f"the video must have at least one frame (got {frames}); pass --frames N or --seconds S with N, S > 0")
+    entries = ([args.prompt] if args.prompt is not None else []) + args.prompts
+    if entries and cfg.storyboard.prompts:
+        raise FifoStreamError("prompts given both on the command line and in storyboard.prompts; give them in one place")
+    storyboard = Storyboard.parse(entries or OmegaConf.to_container(cfg.storyboard.prompts), cfg.storyboard.transition)
+    if storyboard.scenes[-1][0] >= frames:
+        raise FifoStreamError(f"the prompt at frame {storyboard.scenes[-1][0]} starts after the video's last frame ({frames - 1}); drop it or make the video longer")
+    if cfg.consistency.refbank.enabled and cfg.consistency.refbank.reference >= frames:
+        raise FifoStreamError(f"consistency.refbank.reference={cfg.consistency.refbank.reference} is after the video's last frame ({frames - 1}); choose an earlier frame")
     if args.checkpoint_every < 1:
         raise FifoStreamError(f"--checkpoint-every must be >= 1 (got {args.checkpoint_every})")
     for target in args.out:
         validate_target(target)
-    slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:40] or "run"
+    slug = re.sub(r"[^a-z0-9]+", "-", storyboard.scenes[0][1].lower()).strip("-")[:40] or "run"
     run_dir = Path(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}")
     if (run_dir / RUN_FILE).exists():
         raise RunError(f"{run_dir} already holds a run; continue it with 'fifo-stream resume {run_dir}' or choose another --run-dir")
     weights = _weights_path(cfg, args.ckpt)
     model = load_model(cfg, args.ckpt, trust=args.trust_checkpoint)
-    model.text_encoder.tokenizer([args.prompt, cfg.sampling.negative_prompt])  # refuse unknown words before writing anything
-    spec = RunSpec(args.prompt, frames, list(args.out), args.seed, args.checkpoint_every, args.ckpt, args.pipe_format)
+    model.text_encoder.tokenizer([*storyboard.prompts, cfg.sampling.negative_prompt])  # refuse unknown words before writing anything
+    if cfg.consistency.refbank.enabled:
+        select_layers(model.unet, cfg.consistency.refbank.layers)  # refuse bad layers before creating the run
+    spec = RunSpec(storyboard.scenes[0][1], frames, list(args.out), args.seed, args.checkpoint_every, args.ckpt, args.pipe_format, storyboard.to_json())
     run = RunDir.create(run_dir, spec, cfg)
     execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet))
     print(f"wrote {frames} frames; run directory {run_dir}", file=sys.stderr)
@@ -144,9 +160,15 @@ def cmd_info(args) -> None:
     done = manifest["frames_written"]
     weights = spec.checkpoint or (cfg.model.checkpoint if cfg.model.weights == "checkpoint" else "random weights")
     status = "finished" if manifest["finished"] else ("not started" if not (run.path / STATE).exists() else "interrupted")
+    storyboard = spec.schedule(cfg.storyboard.transition)
+    if len(storyboard.scenes) == 1:
+        prompts = [f"prompt:      {spec.prompt}"]
+    else:
+        prompts = [f"{'storyboard:' if i == 0 else '':<13}frame {line}" for i, line in enumerate(storyboard.describe())]
+        prompts += [f"transition:  {storyboard.transition} frames"] if storyboard.transition else []
     lines = [
         f"run:         {run.path}",
-        f"prompt:      {spec.prompt}",
+        *prompts,
         f"progress:    {done} / {spec.frames} frames ({100 * done // max(spec.frames, 1)}%), {status}",
         f"model:       {cfg.model.name} ({weights})",
         f"video:       {cfg.video.width}x{cfg.video.height} @ {cfg.video.fps} fps, seed {spec.seed}",
@@ -159,10 +181,15 @@ def cmd_info(args) -> None:
     print("\n".join(lines))
 
 
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=.*", re.DOTALL)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse; ``key=value`` overrides may stand anywhere after the command."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "prompt", None) is not None and _OVERRIDE.fullmatch(args.prompt):  # no PROMPT, only --prompt
+        args.overrides, args.prompt = [args.prompt, *args.overrides], None
     unknown = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import FifoStreamError
@@ -105,13 +105,29 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "sampling.vae_batch", int, positive, "a positive integer")
     if cfg.sampling.max_batch is not None:
         _check(cfg, "sampling.max_batch", int, positive, "a positive integer or null")
-    _check(cfg, "sampling.tail_noise", str, lambda v: v in ("iid", "mixed", "progressive", "coherent"), "iid, mixed, progressive or coherent")
+    noises = ("iid", "mixed", "progressive", "coherent", "dependency")
+    _check(cfg, "sampling.tail_noise", str, lambda v: v in noises, "iid, mixed, progressive, coherent or dependency")
     _check(cfg, "sampling.noise_alpha", (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")
     _check(cfg, "sampling.noise_cutoff", (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    _check(cfg, "sampling.noise_candidates", int, lambda v: v >= 1, "an integer >= 1")
+    _check(cfg, "storyboard.transition", int, lambda v: v >= 0, "an integer >= 0 (frames)")
+    if not isinstance(cfg.storyboard.prompts, ListConfig):
+        raise ConfigError("config storyboard.prompts is invalid: it must be a list of 'N: text' entries")
     _check(cfg, "consistency.qcache.enabled", bool)
     _check(cfg, "consistency.qcache.strength", (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")
     if cfg.consistency.qcache.strength_min is not None:
         _check(cfg, "consistency.qcache.strength_min", (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1] or null")
+    _check(cfg, "consistency.refbank.enabled", bool)
+    _check(cfg, "consistency.refbank.mode", str, lambda v: v in ("concat", "replace"), "concat or replace")
+    _check(cfg, "consistency.refbank.weight", (int, float), positive, "a number > 0")
+    if cfg.consistency.refbank.mode == "replace" and cfg.consistency.refbank.weight != 1:
+        raise ConfigError("config consistency.refbank.weight only acts in concat mode (in replace mode the reference is the only key set); set it to 1")
+    _check(cfg, "consistency.refbank.momentum", (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    _check(cfg, "consistency.refbank.reference", int, lambda v: v >= 0, "an emitted frame number >= 0")
+    _check(cfg, "consistency.refbank.dtype", str, lambda v: v in ("fp16", "bf16", "fp32"), "fp16, bf16 or fp32")
+    layers = cfg.consistency.refbank.layers
+    if not (isinstance(layers, str) or (isinstance(layers, ListConfig) and all(isinstance(v, str) for v in layers))):
+        raise ConfigError(f"config consistency.refbank.layers={layers!r} is invalid: it must be decoder, encoder, middle, all or a list of layer paths")
     _check(cfg, "video.fps", int, positive, "a positive integer")
     _check(cfg, "output.crf", int, lambda v: 0 <= v <= 63, "an integer from 0 to 63")
     _check(cfg, "output.preset", str)

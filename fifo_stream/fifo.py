@@ -9,6 +9,9 @@ All windows of a tick read only the pre-tick queue and write disjoint slots, so
 in ``batched`` mode they and both guidance branches run as one U-Net batch.
 ``sequential`` mode reproduces the reference's call pattern (one window at a time,
 highest first, separate guidance calls) as a baseline and cross-check.
+
+An optional reference K/V bank (:mod:`fifo_stream.refbank`) is told before every tick
+which queue frame each row of the tick's U-Net calls is (:meth:`FifoEngine.layout`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import FifoStreamError
+from .refbank import FrameLayout
 from .sampling import ddim_step, guided_eps
 from .schedule import fifo_timesteps, step_values
 
@@ -85,6 +89,7 @@ class FifoEngine:
         mode: str = "batched",
         max_batch: int | None = None,
         scales: torch.Tensor | None = None,
+        refbank=None,
     ):
         if mode not in ("batched", "sequential"):
             raise FifoStreamError(f"unknown FIFO mode {mode!r}; use 'batched' or 'sequential'")
@@ -95,6 +100,7 @@ class FifoEngine:
         self.noise = noise
         self.mode = mode
         self.max_batch = max_batch
+        self.refbank = refbank
         self.device = next(unet.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
@@ -152,16 +158,39 @@ class FifoEngine:
             raise RuntimeError("start the engine (start_from_queue / start_from_clip) before stepping")
         s, q = self.settings, self.queue
         noise = torch.randn(q.shape, generator=self.generator, device=self.device) if s.eta > 0 else None
+        if self.refbank is not None:
+            self.refbank.begin_tick(self.layout(q.shape[0]))
         if self.mode == "batched":
             head = slice(s.emit_slot, None)
             q[:, :, head] = self._update(q[:, :, head], self._eps_batched(q, cond, uncond)[:, :, head], noise, head)
         else:
             self._sequential(q, cond, uncond, noise)
+        if self.refbank is not None:
+            self.refbank.end_tick()
         out = q[:, :, s.emit_slot].clone()
         tail = self.noise().to(self.device, torch.float32)
         self.queue = torch.cat([q[:, :, 1:], tail[:, :, None]], dim=2)
         self.tick += 1
         return out
+
+    def slot_frames(self) -> torch.Tensor:
+        """The engine tick at which each queue slot's latent is emitted (past ticks for lookahead slots)."""
+        return self.tick + torch.arange(self.settings.queue_length) - self.settings.emit_slot
+
+    def layout(self, batch: int) -> FrameLayout:
+        """The rows of this tick's U-Net calls, in call order: batched, both branches of every
+        window (cond first, as :func:`guided_eps` stacks them); sequential, per window from the
+        highest, cond then uncond. Each row is ``batch`` samples of one window."""
+        s = self.settings
+        if self.mode == "batched":
+            groups = [(branch, w) for branch in (0, 1) for w in s.window_starts]
+        else:
+            groups = [(branch, w) for w in reversed(s.window_starts) for branch in (0, 1)]
+        rows = [(branch, i, w) for branch, w in groups for i in range(batch)]
+        branch, item, start = (torch.tensor(v) for v in zip(*rows))
+        slots = start[:, None] + torch.arange(s.frames)
+        owner = (torch.arange(s.frames) >= s.frames - s.written_per_window).expand(len(rows), -1)
+        return FrameLayout(branch, item, self.slot_levels[slots], owner, self.slot_frames()[slots], batch)
 
     def _call_unet(self, x, t, c):
         return self.unet(x, t, c, self.settings.fps)
@@ -210,6 +239,7 @@ class FifoEngine:
             "generator": self.generator.get_state(),
             "noise": self.noise.state_dict(),
             "settings": {k: getattr(s, k) for k in s.__dataclass_fields__},
+            **({"refbank": self.refbank.state_dict()} if self.refbank is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -221,3 +251,7 @@ class FifoEngine:
         self.tick = int(state["tick"])
         self.generator.set_state(state["generator"])
         self.noise.load_state_dict(state["noise"])
+        if self.refbank is not None:
+            if "refbank" not in state:
+                raise FifoStreamError("engine checkpoint holds no reference bank (made without consistency.refbank); resume with the run's own config")
+            self.refbank.load_state_dict(state["refbank"])

@@ -92,6 +92,60 @@ class CoherentNoise(ProgressiveNoise):
         return self.previous
 
 
+class DependencyNoise(ProgressiveNoise):
+    """Dependency noise (ZS^2): eps_i = sqrt(a) eps_(i-1) + sqrt(1 - a) eps~, chosen by a two-stage search.
+
+    1. Random search: of ``candidates`` fresh normal draws, eps~ is the one whose mix at the
+       nominal a = ``alpha`` looks most like a standard normal sample: the smallest
+       KL(N(m, s^2) || N(0, 1)) of the mix's empirical mean m and variance s^2.
+    2. Line search: a in [0, 1] is bisected until the cosine similarity of eps_i and eps_(i-1)
+       is sqrt(alpha) (it grows monotonically with a).
+    The lag-1 correlation is sqrt(alpha), as with progressive noise, but held for every latent
+    rather than on average, and the chain's sample statistics are kept near N(0, 1).
+    """
+
+    def __init__(self, shape: tuple[int, ...], seed: int, alpha: float, candidates: int = 8, device: torch.device | str = "cpu"):
+        super().__init__(shape, seed, alpha, device)
+        if candidates < 1:
+            raise FifoStreamError(f"dependency noise needs at least one candidate, got {candidates}")
+        self.candidates = int(candidates)
+
+    def __call__(self) -> torch.Tensor:
+        p = self.previous.double().flatten()
+        z = torch.randn((self.candidates, *self.shape), generator=self.generator, device=self.device).double().flatten(1)
+        a = self.alpha
+        mixes = a**0.5 * p + (1 - a) ** 0.5 * z
+        fresh = z[int(_gaussian_kl(mixes.mean(1), mixes.var(1, correction=0)).argmin())]
+        a = _line_search(float(p @ p), float(fresh @ fresh), float(p @ fresh), self.alpha**0.5)
+        self.previous = (a**0.5 * p + (1 - a) ** 0.5 * fresh).float().reshape(self.shape)
+        return self.previous
+
+
+def _gaussian_kl(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, var) || N(0, 1))."""
+    return 0.5 * (var + mean**2 - 1 - var.log())
+
+
+def _line_search(pp: float, zz: float, pz: float, target: float, steps: int = 50) -> float:
+    """The a in [0, 1] at which sqrt(a) p + sqrt(1 - a) z has cosine similarity ``target`` with p.
+
+    Only the dot products pp = <p, p>, zz = <z, z>, pz = <p, z> are needed; the similarity
+    increases with a (from cos(p, z) at a = 0 to 1 at a = 1), so bisection finds it.
+    """
+
+    def similarity(a: float) -> float:
+        u, v = a**0.5, (1 - a) ** 0.5
+        return (u * pp + v * pz) / (pp * (u * u * pp + v * v * zz + 2 * u * v * pz)) ** 0.5
+
+    lo, hi = 0.0, 1.0
+    if similarity(lo) >= target:
+        return lo
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if similarity(mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
 def _check_alpha(alpha: float) -> float:
     if not 0.0 <= alpha <= 1.0:
         raise FifoStreamError(f"noise correlation alpha must be in [0, 1], got {alpha}")
@@ -118,7 +172,9 @@ class RecordedNoise:
         self.index = int(state["index"])
 
 
-def make_noise(kind: str, shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu", alpha: float = 0.5, cutoff: float = 0.25):
+def make_noise(
+    kind: str, shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu", alpha: float = 0.5, cutoff: float = 0.25, candidates: int = 8
+):
     """The tail noise source named by ``sampling.tail_noise``."""
     if kind == "iid":
         return IIDNoise(shape, seed, device)
@@ -128,4 +184,6 @@ def make_noise(kind: str, shape: tuple[int, ...], seed: int, device: torch.devic
         return ProgressiveNoise(shape, seed, alpha, device)
     if kind == "coherent":
         return CoherentNoise(shape, seed, cutoff, device)
-    raise FifoStreamError(f"unknown tail noise {kind!r}; use iid, mixed, progressive or coherent")
+    if kind == "dependency":
+        return DependencyNoise(shape, seed, alpha, candidates, device)
+    raise FifoStreamError(f"unknown tail noise {kind!r}; use iid, mixed, progressive, coherent or dependency")

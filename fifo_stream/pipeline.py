@@ -1,4 +1,4 @@
-"""Text to an endless stream of frames: prompt -> base clip -> FIFO queue -> VAE -> uint8 frames."""
+"""Text to an endless stream of frames: prompt(s) -> base clip -> FIFO queue -> VAE -> uint8 frames."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from .fifo import FifoEngine, FifoSettings
-from .model import VideoModel
+from .model import DTYPES, VideoModel
 from .noise import make_noise
 from .qcache import QCache
+from .refbank import RefBank
 from .sampling import sample_ddim
+from .storyboard import Storyboard
 
 
 def fifo_settings(cfg: DictConfig, model: VideoModel) -> FifoSettings:
@@ -38,22 +40,38 @@ class FrameStream:
     noise are three streams derived from ``seed``. With ``sampling.discard_warmup``
     the first S - f ticks (copies of the base clip's first frame) are not emitted.
     Nothing accumulates: memory does not grow with the number of frames.
+
+    ``prompt`` is one prompt or a :class:`Storyboard`; with several scenes every queue
+    slot is conditioned on the context of the emitted frame it becomes, and the base clip
+    on the first scene's. Each distinct prompt is encoded once.
     """
 
-    def __init__(self, model: VideoModel, cfg: DictConfig, prompt: str, seed: int = 0):
+    def __init__(self, model: VideoModel, cfg: DictConfig, prompt: str | Storyboard, seed: int = 0):
         self.model, self.cfg = model, cfg
         self.settings = settings = fifo_settings(cfg, model)
         vae_factor = model.spatial_factor
         self.latent_shape = (1, model.unet.in_channels, cfg.video.height // vae_factor, cfg.video.width // vae_factor)
         self.seed = seed
-        self.cond = model.encode_text([prompt])
+        self.storyboard = prompt if isinstance(prompt, Storyboard) else Storyboard(((0, prompt),))
+        encoded = {p: model.encode_text([p]) for p in self.storyboard.prompts}
+        self.scene_contexts = torch.cat([encoded[p] for _, p in self.storyboard.scenes])
+        self.cond = self.scene_contexts[:1]
         self.uncond = model.encode_text([cfg.sampling.negative_prompt])
+        self.skip = settings.warmup_frames if cfg.sampling.discard_warmup else 0
+        r = cfg.consistency.refbank
+        self.refbank = (
+            RefBank(model.unet, settings.steps, r.layers, r.mode, float(r.weight), float(r.momentum), self.skip + r.reference, DTYPES[r.dtype])
+            if r.enabled
+            else None
+        )
         self.engine = FifoEngine(
             model.unet, model.alphas, settings,
-            make_noise(cfg.sampling.tail_noise, self.latent_shape, seed + 2, model.device, cfg.sampling.noise_alpha, cfg.sampling.noise_cutoff),
-            seed=seed + 1, mode=cfg.sampling.mode, max_batch=cfg.sampling.max_batch, scales=model.scales,
+            make_noise(
+                cfg.sampling.tail_noise, self.latent_shape, seed + 2, model.device,
+                cfg.sampling.noise_alpha, cfg.sampling.noise_cutoff, cfg.sampling.noise_candidates,
+            ),
+            seed=seed + 1, mode=cfg.sampling.mode, max_batch=cfg.sampling.max_batch, scales=model.scales, refbank=self.refbank,
         )
-        self.skip = settings.warmup_frames if cfg.sampling.discard_warmup else 0
         self.emitted = 0
         q = cfg.consistency.qcache
         self.qcache = (
@@ -67,6 +85,9 @@ class FrameStream:
         if self.qcache is not None:
             self.qcache.remove()
             self.qcache = None
+        if self.refbank is not None:
+            self.refbank.remove()
+            self.refbank = None
 
     def start(self) -> None:
         """Sample the base clip with plain DDIM and noise it into the queue."""
@@ -85,10 +106,18 @@ class FrameStream:
         if self.engine.queue is None:
             self.start()
         while True:
-            z = self.engine.step(self.cond, self.uncond)
+            z = self.engine.step(*self._contexts())
             if self.engine.tick > self.skip:
                 self.emitted += 1
                 return z
+
+    def _contexts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This tick's (cond, uncond): one context, or one per queue slot (1, L, n, d) for a storyboard."""
+        if len(self.storyboard.scenes) == 1:
+            return self.cond, self.uncond
+        frames = self.engine.slot_frames().to(self.scene_contexts.device) - self.skip
+        cond = self.storyboard.contexts(self.scene_contexts, frames)[None]
+        return cond, self.uncond[:, None].expand(-1, cond.shape[1], -1, -1)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
@@ -105,8 +134,10 @@ class FrameStream:
         self.emitted = int(state["emitted"])
 
 
-def generate(model: VideoModel, cfg: DictConfig, prompt: str, frames: int, seed: int = 0, progress: bool = True) -> Iterator[np.ndarray]:
-    """Yield ``frames`` frames for ``prompt`` with a progress bar on a TTY."""
+def generate(
+    model: VideoModel, cfg: DictConfig, prompt: str | Storyboard, frames: int, seed: int = 0, progress: bool = True
+) -> Iterator[np.ndarray]:
+    """Yield ``frames`` frames for ``prompt`` (or a storyboard) with a progress bar on a TTY."""
     stream = FrameStream(model, cfg, prompt, seed)
     try:
         with tqdm(total=frames, unit="frame", disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True) as bar:

@@ -31,6 +31,7 @@ from .durable import atomic_write
 from .errors import FifoStreamError
 from .pipeline import FrameStream
 from .sinks import BackgroundSink, MultiSink, SegmentWriter, Sink, SinkError, join_segments, open_sink, validate_target
+from .storyboard import Storyboard
 
 RUN_FILE, MANIFEST, STATE, CONFIG, SEGMENTS = "run.json", "manifest.json", "state.pt", "config.yaml", "segments"
 # Crash tests: "point:N" makes the process SIGKILL itself at a checkpoint step
@@ -56,13 +57,17 @@ class Interrupted(FifoStreamError):
 
 @dataclass
 class RunSpec:
-    prompt: str
+    prompt: str  # the first (or only) prompt
     frames: int
     outputs: list[str]
     seed: int = 0
     checkpoint_every: int = 100
     checkpoint: str | None = None  # model checkpoint path (None: the config's)
     pipe_format: str = "matroska"
+    storyboard: list[dict] | None = None  # [{frame, prompt}, ...] (None: ``prompt`` for the whole run)
+
+    def schedule(self, transition: int) -> Storyboard:
+        return Storyboard.parse(self.storyboard or [self.prompt], transition)
 
 
 def fingerprint(cfg: DictConfig, checkpoint: str | os.PathLike | None) -> str:
@@ -189,7 +194,7 @@ def execute(run: RunDir, model, cfg: DictConfig, identity: str, progress: bool =
     under another identity is refused unless ``force``.
     """
     spec = run.spec
-    stream = FrameStream(model, cfg, spec.prompt, spec.seed)
+    stream = FrameStream(model, cfg, spec.schedule(cfg.storyboard.transition), spec.seed)
     state = run.load_state()
     if state is not None:
         if state["fingerprint"] != identity and not force:

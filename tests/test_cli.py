@@ -118,6 +118,12 @@ BAD_INPUTS = {
     "resume of a finished run": (["resume", "done"], "already finished"),
     "resume of a non-run directory": (["resume", "dir.mp4"], "not a fifo-stream run directory"),
     "info of a missing run": (["info", "nowhere"], "not a fifo-stream run directory"),
+    "no prompt": (["generate", "--frames", "2", "--out", "out.mp4", "sampling.partitions=1"], "no prompt given"),
+    "storyboard frames not increasing": (GEN + ["--frames", "20", "--prompt", "5: b", "--prompt", "5: c"], "must increase: 5 follows 5"),
+    "storyboard prompt without a frame": (["generate", "--prompt", "a", "--prompt", "b", "--frames", "2", "--out", "out.mp4"], "needs the frame"),
+    "storyboard prompt after the end": (GEN + ["--frames", "8", "--prompt", "8: b"], "after the video's last frame"),
+    "storyboard transition too long": (GEN + ["--frames", "20", "--prompt", "5: b", "storyboard.transition=6"], "closer than the 6-frame"),
+    "unknown refbank layer": (GEN + ["--frames", "2", "consistency.refbank.enabled=true", "consistency.refbank.layers=[output_blocks.99]"], "names no spatial"),
 }
 
 

@@ -175,8 +175,15 @@ def test_rtmp_unreachable_is_one_line(tmp_path):
 
 @pytest.mark.parametrize(
     "extra",
-    [["sampling.tail_noise=mixed"], ["sampling.tail_noise=coherent"], ["consistency.qcache.enabled=true", "consistency.qcache.strength_min=0.2"]],
-    ids=["mixed-noise", "coherent-noise", "qcache"],
+    [
+        ["sampling.tail_noise=mixed"],
+        ["sampling.tail_noise=coherent"],
+        ["consistency.qcache.enabled=true", "consistency.qcache.strength_min=0.2"],
+        # The new controls together (one run keeps the suite fast): each carries state over the crash.
+        ["consistency.refbank.enabled=true", "consistency.refbank.momentum=0.5", "consistency.refbank.reference=1",
+         "--prompt", "4: a blue square", "storyboard.transition=2", "sampling.tail_noise=dependency"],
+    ],
+    ids=["mixed-noise", "coherent-noise", "qcache", "refbank-storyboard-dependency-noise"],
 )
 def test_consistency_controls_resume_frame_identically(tmp_path, extra):
     def start(name, env=None):
@@ -190,3 +197,6 @@ def test_consistency_controls_resume_frame_identically(tmp_path, extra):
     rc, err = finish(cli("resume", str(tmp_path / "crashed"), "--quiet"))
     assert rc == 0, err
     assert manifest(tmp_path / "crashed")["frame_sha256"] == manifest(tmp_path / "straight")["frame_sha256"]
+    if "--prompt" in extra:  # the schedule is part of the run: kept by resume, shown by info
+        info = subprocess.run([sys.executable, "-m", "fifo_stream", "info", str(tmp_path / "crashed")], capture_output=True, text=True)
+        assert "storyboard:  frame 0: a red circle\n             frame 4: a blue square\ntransition:  2 frames\n" in info.stdout

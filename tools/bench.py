@@ -3,6 +3,8 @@
     python tools/bench.py --config tiny-random --frames 200
     python tools/bench.py --config tiny-random --frames 50 --compare
     python tools/bench.py --config videocrafter2 --frames 20 model.weights=random runtime.dtype=bf16
+    python tools/bench.py --frames 30 consistency.refbank.enabled=true          # a consistency control's cost
+    python tools/bench.py --frames 30 "storyboard.prompts=[a red circle, '10: a blue square']"
 
 Timing covers the emitted frames only (U-Net ticks plus VAE decode); model loading,
 the base clip and the warm-up ticks are excluded. Random weights are fine for speed.
@@ -18,12 +20,16 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fifo_stream.config import load_config  # noqa: E402
 from fifo_stream.model import load_model  # noqa: E402
 from fifo_stream.pipeline import FrameStream  # noqa: E402
+from fifo_stream.storyboard import Storyboard  # noqa: E402
+
+PROMPT = "a red circle moves left on a blue background"
 
 
 def peak_rss_mb() -> float:
@@ -38,7 +44,9 @@ def run(model, cfg, mode: str, frames: int, seed: int) -> dict:
         calls["n"] += 1
         calls["frames"] += args[0].shape[0] * args[0].shape[2]
 
-    stream = FrameStream(model, cfg, "a red circle moves left on a blue background", seed)
+    prompts = OmegaConf.to_container(cfg.storyboard.prompts)
+    prompt = Storyboard.parse(prompts, cfg.storyboard.transition) if prompts else PROMPT
+    stream = FrameStream(model, cfg, prompt, seed)
     stream.start()
     next(stream)  # first frame: after the warm-up ticks
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
@@ -52,6 +60,8 @@ def run(model, cfg, mode: str, frames: int, seed: int) -> dict:
     sync()
     elapsed = time.perf_counter() - start
     hook.remove()
+    refbank_mb = stream.refbank.nbytes() / 2**20 if stream.refbank is not None else 0.0
+    stream.close()
     result = {
         "config": cfg.model.name,
         "mode": mode,
@@ -61,6 +71,7 @@ def run(model, cfg, mode: str, frames: int, seed: int) -> dict:
         "unet_calls_per_frame": calls["n"] / frames,
         "unet_frame_evals_per_frame": calls["frames"] / frames,
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "refbank_mb": round(refbank_mb, 3),
         "latent": list(stream.latent_shape[1:]),
         "f": stream.settings.frames,
         "n": stream.settings.partitions,
