@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
     p.add_argument("--fifo-fraction", type=float, default=0.5, help="fraction of batches with FIFO per-frame timesteps")
+    p.add_argument("--focus", type=float, default=0.0, help="fraction of one-timestep batches drawn from the sampler's FIFO levels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--device", default="auto")
@@ -110,13 +111,19 @@ def batch(cfg, codec, step: int, args, device) -> tuple[torch.Tensor, list[str]]
 
 
 def timesteps(cfg, step: int, args, b: int, device) -> torch.Tensor:
-    """(b, f) timesteps: one per clip, or a window of the FIFO ladder (with its lookahead head)."""
+    """(b, f) timesteps: one per clip, or a window of the FIFO ladder (with its lookahead head).
+
+    With ``--focus`` the one-per-clip timesteps come from the ladder's levels that often: the
+    default sampler only ever evaluates those, so the model's capacity goes where it is used.
+    """
     f = cfg.model.unet.temporal_length
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     n = cfg.model.schedule.num_train_timesteps
-    if torch.rand((), generator=g) >= args.fifo_fraction:
-        return torch.randint(0, n, (b, 1), generator=g).expand(b, f).to(device)
     ladder = fifo_timesteps(f * cfg.sampling.partitions, n)
+    if torch.rand((), generator=g) >= args.fifo_fraction:
+        if torch.rand((), generator=g) < args.focus:
+            return ladder[torch.randint(0, len(ladder), (b, 1), generator=g)].expand(b, f).to(device)
+        return torch.randint(0, n, (b, 1), generator=g).expand(b, f).to(device)
     start = torch.randint(-f // 2, len(ladder) - f + 1, (b, 1), generator=g)
     return ladder[(start + torch.arange(f)).clamp(min=0)].to(device)
 
