@@ -44,7 +44,9 @@ def is_main() -> bool:
 
 def local_rank() -> int | None:
     """This process's index on its node under a multi-process torchrun job, else None."""
-    return int(os.environ["LOCAL_RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
 
 
 def init() -> None:

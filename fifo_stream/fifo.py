@@ -104,7 +104,7 @@ class FifoEngine:
         if max_batch is not None and max_batch < 1:
             raise FifoStreamError(f"max_batch must be >= 1, got {max_batch}")
         self.unet = unet
-        self.forward = forward or unet
+        self.forward = unet if forward is None else forward
         self.settings = s = settings
         self.noise = noise
         self.mode = mode
