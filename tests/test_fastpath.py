@@ -74,3 +74,18 @@ def test_gpu_half_precision_ticks(dtype):
     z = latents(["runtime.device=cuda", f"runtime.dtype={dtype}"], frames=3)
     assert z.dtype == torch.float32 and torch.isfinite(z).all()
     assert_close(z, latents(["runtime.device=cuda", "runtime.dtype=fp32"], frames=3), tolerance=0.1)
+
+
+@pytest.mark.gpu
+def test_gpu_ticks_never_wait_for_the_device():
+    cfg = load_config("tiny-random", ["runtime.device=cuda", "runtime.compile=true", "runtime.cuda_graphs=true"])
+    stream = FrameStream(load_model(cfg), cfg, "a red circle", seed=4)
+    for _ in range(3):  # base clip, compilation, CUDA-graph recording
+        stream.next_latent()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        for _ in range(3):
+            stream.next_latent()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        stream.close()
