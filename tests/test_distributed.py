@@ -21,8 +21,9 @@ from PIL import Image
 
 from fifo_stream import distributed
 from fifo_stream.config import load_config
+from fifo_stream.errors import FifoStreamError
 from fifo_stream.model import load_model
-from fifo_stream.pipeline import FrameStream
+from fifo_stream.pipeline import FrameStream, check_world_size
 
 TOLERANCE = 1e-5  # max |difference| of emitted latents, relative to their max |value|
 
@@ -38,6 +39,16 @@ def test_shares_are_contiguous_and_uneven_when_they_must_be():
     assert distributed.shares(2, 3) == [1, 1, 0]
     assert distributed.shares(8, 1) == [8]
     assert distributed.share(5) == slice(0, 5)  # one process: everything
+
+
+def test_what_cannot_be_shared_out_is_refused_under_torchrun(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(FifoStreamError, match="one process"):
+        check_world_size(load_config("tiny-random", ["consistency.refbank.enabled=true"]))
+    check_world_size(load_config("tiny-random", ["consistency.qcache.enabled=true"]))
+    cfg = load_config("tiny-random", ["sampling.mode=sequential"])
+    with pytest.raises(FifoStreamError, match="sampling.mode=batched"):
+        FrameStream(load_model(cfg), cfg, "a red circle")
 
 
 def latents(overrides, frames):
@@ -132,6 +143,15 @@ def test_cli_resumes_with_another_world_size(tmp_path, reference, first, then):
     done = manifest(tmp_path, "run")
     assert done["finished"] and len(done["frame_sha256"]) == FRAMES
     assert_same_frames(frames_of(tmp_path, "run"), reference)
+
+
+def test_an_error_on_rank_0_stops_every_rank_with_one_line(tmp_path):
+    (tmp_path / "taken.run").mkdir()
+    (tmp_path / "taken.run" / "run.json").write_text("{}")
+    rc, err = finish(generate(tmp_path, "taken", ranks=2))
+    ours = [line for line in err.splitlines() if line.startswith("fifo-stream:")]
+    assert rc != 0 and len(ours) == 1 and "already holds a run" in ours[0], err
+    assert not (tmp_path / "taken").exists()
 
 
 def test_sigterm_under_torchrun_checkpoints_and_every_rank_exits(tmp_path, reference):
