@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import FifoStreamError
+from .errors import FifoStreamError, PeerExit
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,8 +98,10 @@ def cmd_generate(args) -> None:
 
     from omegaconf import OmegaConf
 
+    from . import distributed
     from .config import default_config, load_config
     from .model import load_model
+    from .pipeline import check_world_size
     from .refbank import select_layers
     from .run import RUN_FILE, RunDir, RunError, RunSpec, execute, fingerprint
     from .sinks import validate_target
@@ -119,37 +121,51 @@ def cmd_generate(args) -> None:
         raise FifoStreamError(f"consistency.refbank.reference={cfg.consistency.refbank.reference} is after the video's last frame ({frames - 1}); choose an earlier frame")
     if args.checkpoint_every < 1:
         raise FifoStreamError(f"--checkpoint-every must be >= 1 (got {args.checkpoint_every})")
+    check_world_size(cfg)
     for target in args.out:
         validate_target(target)
     slug = re.sub(r"[^a-z0-9]+", "-", storyboard.scenes[0][1].lower()).strip("-")[:40] or "run"
     run_dir = Path(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}")
-    if (run_dir / RUN_FILE).exists():
-        raise RunError(f"{run_dir} already holds a run; continue it with 'fifo-stream resume {run_dir}' or choose another --run-dir")
+
+    def check_new() -> None:
+        if (run_dir / RUN_FILE).exists():
+            raise RunError(f"{run_dir} already holds a run; continue it with 'fifo-stream resume {run_dir}' or choose another --run-dir")
+
+    distributed.from_main(check_new)
     weights = _weights_path(cfg, args.ckpt)
-    model = load_model(cfg, args.ckpt, trust=args.trust_checkpoint)
+    with distributed.all_ranks():
+        model = load_model(cfg, args.ckpt, trust=args.trust_checkpoint)
     model.text_encoder.tokenizer([*storyboard.prompts, cfg.sampling.negative_prompt])  # refuse unknown words before writing anything
     if cfg.consistency.refbank.enabled:
         select_layers(model.unet, cfg.consistency.refbank.layers)  # refuse bad layers before creating the run
     spec = RunSpec(storyboard.scenes[0][1], frames, list(args.out), args.seed, args.checkpoint_every, args.ckpt, args.pipe_format, storyboard.to_json())
-    run = RunDir.create(run_dir, spec, cfg)
+    run = distributed.from_main(lambda: RunDir.create(run_dir, spec, cfg))
     execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet))
-    print(f"wrote {frames} frames; run directory {run_dir}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"wrote {frames} frames; run directory {run_dir}", file=sys.stderr)
 
 
 def cmd_resume(args) -> None:
+    from . import distributed
     from .config import load_config
     from .model import load_model
     from .run import CONFIG, RunDir, RunError, execute, fingerprint
 
-    run = RunDir.open(args.run_dir)
-    spec, manifest = run.spec, run.manifest
-    if manifest["finished"]:
-        raise RunError(f"{run.path} is already finished ({manifest['frames_written']} frames); nothing to resume")
-    cfg = load_config(run.path / CONFIG)
+    def open_run():
+        run = RunDir.open(args.run_dir)
+        spec, manifest = run.spec, run.manifest
+        if manifest["finished"]:
+            raise RunError(f"{run.path} is already finished ({manifest['frames_written']} frames); nothing to resume")
+        return run, spec, load_config(run.path / CONFIG)
+
+    # Only rank 0 needs to see the run directory (other nodes may not share its file system).
+    run, spec, cfg = distributed.from_main(open_run)
     weights = _weights_path(cfg, spec.checkpoint)
-    model = load_model(cfg, spec.checkpoint, trust=args.trust_checkpoint)
+    with distributed.all_ranks():
+        model = load_model(cfg, spec.checkpoint, trust=args.trust_checkpoint)
     execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet), force=args.force)
-    print(f"finished {spec.frames} frames; run directory {run.path}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"finished {spec.frames} frames; run directory {run.path}", file=sys.stderr)
 
 
 def cmd_info(args) -> None:
@@ -201,9 +217,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        {"generate": cmd_generate, "resume": cmd_resume, "info": cmd_info, "convert": cmd_convert}[args.command](args)
+        if args.command in ("generate", "resume"):
+            from .distributed import job
+
+            with job():  # one process of a torchrun job, or the only one
+                {"generate": cmd_generate, "resume": cmd_resume}[args.command](args)
+        else:
+            {"info": cmd_info, "convert": cmd_convert}[args.command](args)
+    except PeerExit as e:  # another process of the job has reported why
+        return e.exit_code
     except FifoStreamError as e:
-        print(f"fifo-stream: error: {e}", file=sys.stderr)
+        where = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"fifo-stream: error: {where}{e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("fifo-stream: interrupted", file=sys.stderr)

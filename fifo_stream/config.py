@@ -138,3 +138,7 @@ def validate(cfg: DictConfig) -> None:
         _check(cfg, key, int, lambda v: v > 0 and v % factor == 0, f"a positive multiple of {factor} (the model's total downsampling)")
     _check(cfg, "runtime.dtype", str, lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16")
     _check(cfg, "runtime.device", str)
+    for key in ("compile", "cuda_graphs", "channels_last", "overlap_decode"):
+        _check(cfg, f"runtime.{key}", bool)
+    if cfg.runtime.cuda_graphs and not cfg.runtime.compile:
+        raise ConfigError("config runtime.cuda_graphs=true needs runtime.compile=true (CUDA graphs replay the compiled U-Net)")

@@ -12,6 +12,9 @@ highest first, separate guidance calls) as a baseline and cross-check.
 
 An optional reference K/V bank (:mod:`fifo_stream.refbank`) is told before every tick
 which queue frame each row of the tick's U-Net calls is (:meth:`FifoEngine.layout`).
+
+Under torchrun each rank computes its share of the batch and gathers the rest
+(see :mod:`fifo_stream.distributed`), so every rank's queue stays identical.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed
 from .errors import FifoStreamError
 from .refbank import FrameLayout
 from .sampling import ddim_step, guided_eps
@@ -90,12 +94,17 @@ class FifoEngine:
         max_batch: int | None = None,
         scales: torch.Tensor | None = None,
         refbank=None,
+        forward=None,
     ):
+        """``forward`` replaces ``unet(x, t, context, fps)`` for the ticks, e.g. a compiled U-Net."""
         if mode not in ("batched", "sequential"):
             raise FifoStreamError(f"unknown FIFO mode {mode!r}; use 'batched' or 'sequential'")
+        if mode == "sequential" and distributed.world_size() > 1:
+            raise FifoStreamError("sampling.mode=sequential runs on one process; use sampling.mode=batched under torchrun")
         if max_batch is not None and max_batch < 1:
             raise FifoStreamError(f"max_batch must be >= 1, got {max_batch}")
         self.unet = unet
+        self.forward = unet if forward is None else forward
         self.settings = s = settings
         self.noise = noise
         self.mode = mode
@@ -193,7 +202,7 @@ class FifoEngine:
         return FrameLayout(branch, item, self.slot_levels[slots], owner, self.slot_frames()[slots], batch)
 
     def _call_unet(self, x, t, c):
-        return self.unet(x, t, c, self.settings.fps)
+        return self.forward(x, t, c, self.settings.fps)
 
     def _window_inputs(self, q, start, context):
         f, b = self.settings.frames, q.shape[0]
@@ -205,7 +214,12 @@ class FifoEngine:
         s = self.settings
         windows = [(*self._window_inputs(q, w, cond), self._window_inputs(q, w, uncond)[2]) for w in s.window_starts]
         x, t, c, u = (torch.cat(parts) for parts in zip(*windows))
-        eps_w = guided_eps(self._call_unet, x, t, c, u, s.guidance_scale, self.max_batch)
+        mine = distributed.share(len(x))
+        if mine.start < mine.stop:
+            part = guided_eps(self._call_unet, x[mine], t[mine], c[mine], u[mine], s.guidance_scale, self.max_batch)
+        else:  # more ranks than windows
+            part = torch.empty_like(x[mine])
+        eps_w = distributed.gather(part, len(x))
         eps = torch.empty_like(q)
         keep, b = s.written_per_window, q.shape[0]
         for i, w in enumerate(s.window_starts):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import distributed
 from .checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointError, extract, load_weights, read_metadata, read_state_dict
 from .config import PROJECT_ROOT
 from .errors import FifoStreamError
@@ -51,14 +52,20 @@ class VideoModel:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device for ``runtime.device``; under a multi-process torchrun job, CUDA means this process's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise FifoStreamError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FifoStreamError(f"device {name} requested but no CUDA GPU is available; use runtime.device=cpu")
+    local = distributed.local_rank()
+    if device.type == "cuda" and local is not None:
+        if device.index is not None:
+            raise FifoStreamError(f"runtime.device={name}: under torchrun each process uses the GPU of its LOCAL_RANK; use runtime.device=cuda")
+        device = torch.device("cuda", local % torch.cuda.device_count())
     return device
 
 
@@ -68,6 +75,31 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "fp16" and device.type == "cpu":
         raise FifoStreamError("fp16 is not supported on the CPU; use runtime.dtype=fp32 (or bf16)")
     return DTYPES[name]
+
+
+def to_channels_last(module: torch.nn.Module) -> None:
+    """Store the 2-D convolution weights NHWC, so convolutions run (and return) channels-last."""
+    for conv in module.modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            conv.to(memory_format=torch.channels_last)
+
+
+def compile_unet(unet: UNet3D, cuda_graphs: bool = False):
+    """``unet`` compiled with torch.compile for fixed shapes; with ``cuda_graphs`` replayed as CUDA graphs.
+
+    A CUDA graph's output lives in a buffer that its next replay overwrites, so it is copied out.
+    """
+    if cuda_graphs and next(unet.parameters()).device.type != "cuda":
+        raise FifoStreamError("runtime.cuda_graphs needs a CUDA device; set runtime.cuda_graphs=false")
+    compiled = torch.compile(unet, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+    if not cuda_graphs:
+        return compiled
+
+    def replay(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args).clone()
+
+    return replay
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -114,6 +146,8 @@ def load_model(cfg: DictConfig, checkpoint: str | Path | None = None, trust: boo
     vae.to(device)
     if vae.dtype != dtype:
         vae.to(dtype)
+    if cfg.runtime.channels_last:
+        to_channels_last(unet)
     sched = m.schedule
     tokenizer = ClipTokenizer(tower.context_length) if vocab is None else WordTokenizer(vocab, tower.context_length)
     return VideoModel(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -10,8 +11,10 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from . import distributed
+from .errors import FifoStreamError
 from .fifo import FifoEngine, FifoSettings
-from .model import DTYPES, VideoModel
+from .model import DTYPES, VideoModel, compile_unet
 from .noise import make_noise
 from .qcache import QCache
 from .refbank import RefBank
@@ -33,6 +36,12 @@ def fifo_settings(cfg: DictConfig, model: VideoModel) -> FifoSettings:
     )
 
 
+def check_world_size(cfg: DictConfig) -> None:
+    """Refuse what cannot be shared out over the processes of a torchrun job."""
+    if cfg.consistency.refbank.enabled and distributed.world_size() > 1:
+        raise FifoStreamError("consistency.refbank runs on one process: under torchrun each process would record only its own windows")
+
+
 class FrameStream:
     """An endless iterator of decoded frames (H, W, 3) uint8; ``state_dict`` resumes it exactly.
 
@@ -44,6 +53,8 @@ class FrameStream:
     ``prompt`` is one prompt or a :class:`Storyboard`; with several scenes every queue
     slot is conditioned on the context of the emitted frame it becomes, and the base clip
     on the first scene's. Each distinct prompt is encoded once.
+
+    With ``runtime.compile`` the ticks run a compiled U-Net (the base clip runs eagerly).
     """
 
     def __init__(self, model: VideoModel, cfg: DictConfig, prompt: str | Storyboard, seed: int = 0):
@@ -58,6 +69,7 @@ class FrameStream:
         self.cond = self.scene_contexts[:1]
         self.uncond = model.encode_text([cfg.sampling.negative_prompt])
         self.skip = settings.warmup_frames if cfg.sampling.discard_warmup else 0
+        check_world_size(cfg)
         r = cfg.consistency.refbank
         self.refbank = (
             RefBank(model.unet, settings.steps, r.layers, r.mode, float(r.weight), float(r.momentum), self.skip + r.reference, DTYPES[r.dtype])
@@ -71,6 +83,7 @@ class FrameStream:
                 cfg.sampling.noise_alpha, cfg.sampling.noise_cutoff, cfg.sampling.noise_candidates,
             ),
             seed=seed + 1, mode=cfg.sampling.mode, max_batch=cfg.sampling.max_batch, scales=model.scales, refbank=self.refbank,
+            forward=compile_unet(model.unet, cfg.runtime.cuda_graphs) if cfg.runtime.compile else None,
         )
         self.emitted = 0
         q = cfg.consistency.qcache
@@ -99,7 +112,7 @@ class FrameStream:
             unet, noise, self.cond, self.uncond, self.model.alphas, self.settings.steps,
             self.settings.guidance_scale, self.settings.eta, g, self.model.scales, self.settings.clip_x0,
         )
-        self.engine.start_from_clip(clip)
+        self.engine.start_from_clip(distributed.broadcast_(clip))  # rank 0's clip: identical queues on every rank
 
     def next_latent(self) -> torch.Tensor:
         """The next emitted latent (b, c, h, w), skipping warm-up ticks."""
@@ -123,7 +136,10 @@ class FrameStream:
         return self
 
     def __next__(self) -> np.ndarray:
-        z = self.next_latent()
+        return self.decode(self.next_latent())
+
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        """A latent from :meth:`next_latent` as a frame (H, W, 3) uint8."""
         return self.model.decode(z[:, :, None], self.cfg.sampling.vae_batch)[0, 0].numpy()
 
     def state_dict(self) -> dict:
@@ -132,6 +148,33 @@ class FrameStream:
     def load_state_dict(self, state: dict) -> None:
         self.engine.load_state_dict(state["engine"])
         self.emitted = int(state["emitted"])
+
+
+class Decoder:
+    """Decodes latents into frames, on a background thread with ``background``.
+
+    Submitting latent k and then running tick k+1 overlaps the VAE decode, and its copy to
+    the host, with the next tick: the main thread never waits for the GPU in between.
+    """
+
+    def __init__(self, stream: FrameStream, background: bool):
+        self.stream = stream
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="decode") if background else None
+
+    @property
+    def background(self) -> bool:
+        return self._pool is not None
+
+    def submit(self, z: torch.Tensor) -> Future:
+        if self._pool is not None:
+            return self._pool.submit(self.stream.decode, z)
+        done: Future = Future()
+        done.set_result(self.stream.decode(z))
+        return done
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
 
 
 def generate(

@@ -19,6 +19,8 @@ import io
 import json
 import os
 import signal
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,9 +29,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from . import distributed
 from .durable import atomic_write
-from .errors import FifoStreamError
-from .pipeline import FrameStream
+from .errors import FifoStreamError, PeerExit
+from .pipeline import Decoder, FrameStream
 from .sinks import BackgroundSink, MultiSink, SegmentWriter, Sink, SinkError, join_segments, open_sink, validate_target
 from .storyboard import Storyboard
 
@@ -182,24 +185,95 @@ class _StopFlag:
     def _handle(self, signum, _frame):
         self.signum = signum
 
+    @property
+    def code(self) -> int:
+        """The exit code the signal asks for (128 + signal number), 0 without one."""
+        return 128 + self.signum if self.signum is not None else 0
+
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
 
 
-def execute(run: RunDir, model, cfg: DictConfig, identity: str, progress: bool = True, force: bool = False) -> None:
+def _open_state(run: RunDir, identity: str, force: bool) -> tuple[RunSpec, dict | None]:
+    """The run's spec and its stream checkpoint (None before the first), refusing another identity's."""
+    state = run.load_state()
+    if state is not None and state["fingerprint"] != identity and not force:
+        raise RunError(f"engine checkpoint in {run.path} was made with another config or model; pass --force to use it anyway")
+    return run.spec, state["stream"] if state is not None else None
+
+
+def execute(run: RunDir | None, model, cfg: DictConfig, identity: str, progress: bool = True, force: bool = False) -> None:
     """Generate (or continue) the run until all its frames are written, checkpointing as it goes.
 
     ``identity`` is the :func:`fingerprint` of ``cfg`` and the weights; a checkpoint made
-    under another identity is refused unless ``force``.
+    under another identity is refused unless ``force``. Under torchrun every rank calls
+    this: rank 0 reads and writes the run directory (``run`` may be None elsewhere) and
+    hands the checkpoint to the others, which compute their share of every tick.
     """
-    spec = run.spec
+    spec, state = distributed.from_main(lambda: _open_state(run, identity, force))
     stream = FrameStream(model, cfg, spec.schedule(cfg.storyboard.transition), spec.seed)
-    state = run.load_state()
-    if state is not None:
-        if state["fingerprint"] != identity and not force:
-            raise RunError(f"engine checkpoint in {run.path} was made with another config or model; pass --force to use it anyway")
-        stream.load_state_dict(state["stream"])
+    try:
+        if state is not None:
+            stream.load_state_dict(state)
+        if not distributed.is_main():
+            _follow(stream, spec)
+            return
+        followers = _Followers(stream, spec)
+        try:
+            _lead(run, stream, spec, cfg, identity, progress, followers)
+        except BaseException as e:
+            followers.release(getattr(e, "exit_code", 1))
+            raise
+    finally:
+        stream.close()
+
+
+def _follow(stream: FrameStream, spec: RunSpec) -> None:
+    """A rank other than 0: compute this rank's share of every tick until rank 0 says stop."""
+    with _StopFlag() as stop:
+        while stream.emitted < spec.frames:
+            code = distributed.agree(stop.code)
+            if code:
+                raise PeerExit(code)
+            stream.next_latent()
+
+
+class _Followers:
+    """Rank 0's side of :func:`_follow`: the other ranks wait in ``agree`` for each decision
+    of the frame loop while it has frames to go, so a way out of the loop must answer them."""
+
+    def __init__(self, stream: FrameStream, spec: RunSpec):
+        self.stream, self.spec = stream, spec
+        self.waiting = False
+        self._update()
+
+    def _update(self) -> None:
+        self.waiting = distributed.world_size() > 1 and self.stream.emitted < self.spec.frames
+
+    def advance(self, code: int) -> tuple[int, torch.Tensor | None]:
+        """Agree with every rank on ``code`` (0: go on); if all go on, run a tick and return its latent."""
+        self.waiting = False  # until the tick is done the others are inside it, not waiting
+        code = distributed.agree(code)
+        if code:
+            return code, None
+        z = self.stream.next_latent()
+        self._update()
+        return 0, z
+
+    def release(self, code: int) -> None:
+        """Stop the other ranks with exit ``code`` if they wait for a decision."""
+        if self.waiting:
+            self.waiting = False
+            distributed.agree(code)
+
+
+def _lead(run: RunDir, stream: FrameStream, spec: RunSpec, cfg: DictConfig, identity: str, progress: bool, followers: _Followers) -> None:
+    """Rank 0 (or the only process): the frame loop with outputs, manifest and checkpoints.
+
+    With ``runtime.overlap_decode`` frame k is decoded on a thread while tick k+1 runs and
+    written after it; that one-frame lag is drained before every checkpoint.
+    """
     manifest = _discard_after(run, run.manifest, stream.emitted)
     run.write_manifest(manifest)
 
@@ -243,39 +317,58 @@ def execute(run: RunDir, model, cfg: DictConfig, identity: str, progress: bool =
         run.write_manifest(manifest, lambda: _fault("manifest", checkpoints))
         run.save_state({"stream": stream.state_dict(), "fingerprint": identity}, lambda: _fault("state", checkpoints))
 
+    decoder = Decoder(stream, cfg.runtime.overlap_decode)
+    pending: deque[Future] = deque()  # frames computed but not yet written, oldest first
+
+    def write_pending(keep: int = 0, failed: bool = False) -> None:
+        """Write all but the newest ``keep`` pending frames; once an output ``failed``, to those that still work."""
+        while len(pending) > keep:
+            frame = pending.popleft().result()
+            manifest["frame_sha256"].append(hashlib.sha256(np.ascontiguousarray(frame).tobytes()).hexdigest())
+            try:
+                outputs.write(frame)
+            except SinkError:
+                if not failed:
+                    raise
+            bar.update(1)
+            _fault("frame", len(manifest["frame_sha256"]))
+
+    code = 0
     failure: BaseException | None = None
     close_error: BaseException | None = None
     bar = tqdm(total=spec.frames, initial=stream.emitted, unit="frame", disable=not progress, dynamic_ncols=True)
     try:
         with _StopFlag() as stop:
-            while stream.emitted < spec.frames and stop.signum is None:
-                frame = next(stream)
-                manifest["frame_sha256"].append(hashlib.sha256(np.ascontiguousarray(frame).tobytes()).hexdigest())
-                outputs.write(frame)
-                bar.update(1)
-                _fault("frame", stream.emitted)
-                if stream.emitted % spec.checkpoint_every == 0 and stream.emitted < spec.frames:
+            while stream.emitted < spec.frames:
+                code, z = followers.advance(stop.code)
+                if code:
+                    break
+                pending.append(decoder.submit(z))
+                due = stream.emitted % spec.checkpoint_every == 0 and stream.emitted < spec.frames
+                write_pending(keep=1 if decoder.background and not due else 0)
+                if due:
                     checkpoint()
+            write_pending()
             checkpoint()
     except SinkError as e:
         failure = e
+        write_pending(failed=True)
         checkpoint()
     finally:
         bar.close()
-        stream.close()
+        decoder.close()
         try:
             outputs.close()
         except BaseException as e:  # reported below, after the failure or stop that may explain it
             close_error = e
     if failure is not None:
         raise OutputLost(f"{failure}; {stream.emitted} frames are saved: continue with 'fifo-stream resume {run.path}'") from None
-    if stop.signum is not None:
-        name = signal.Signals(stop.signum).name
-        raise Interrupted(f"stopped by {name} after {stream.emitted} frames; checkpoint saved: continue with 'fifo-stream resume {run.path}'", stop.signum)
+    if code:
+        name = signal.Signals(code - 128).name
+        raise Interrupted(f"stopped by {name} after {stream.emitted} frames; checkpoint saved: continue with 'fifo-stream resume {run.path}'", code - 128)
     if close_error is not None:
         raise close_error
     for key, segments in manifest["segments"].items():
         join_segments([run.segments / s["file"] for s in segments], spec.outputs[int(key)])
     manifest["finished"] = True
     run.write_manifest(manifest)
-
