@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
     p.add_argument("--fifo-fraction", type=float, default=0.5, help="fraction of batches with FIFO per-frame timesteps")
     p.add_argument("--focus", type=float, default=0.0, help="fraction of one-timestep batches drawn from the sampler's FIFO levels")
+    p.add_argument("--offset-noise", type=float, default=0.0, help="weight of a per-clip, per-color constant added to the noise")
+    p.add_argument("--coarse-noise", type=float, default=0.0, help="weight of a per-clip 4x4 noise field, upsampled, added to the noise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--device", default="auto")
@@ -128,6 +130,28 @@ def timesteps(cfg, step: int, args, b: int, device) -> torch.Tensor:
     return ladder[(start + torch.arange(f)).clamp(min=0)].to(device)
 
 
+def training_noise(shape, args, g: torch.Generator, device) -> torch.Tensor:
+    """Unit-variance training noise: white, plus optional low-frequency parts shared by a clip's frames.
+
+    The VideoCrafter schedule keeps sqrt(alpha_999) = 0.07 of the signal at its noisiest step. In
+    pixel space a frame's mean color survives that (averaged over 32x32 pixels it stands far above
+    the noise), so a model trained on white noise reads the background and colors off the noise it
+    is sampled from and ignores the prompt. A per-clip constant (offset noise) and a coarse field
+    of the same size hide what is that coarse, so the prompt has to decide it.
+    """
+    b, c, f, h, w = shape
+    eps = torch.randn(shape, generator=g, device=device)
+    per_color = c // 3  # the pixel_shuffle codec stores each RGB channel's sub-pixels next to each other
+    if args.offset_noise:
+        offset = torch.randn((b, 3, 1, 1, 1), generator=g, device=device)
+        eps = eps + args.offset_noise * offset.repeat_interleave(per_color, 1)
+    if args.coarse_noise:
+        field = F.interpolate(torch.randn((b, 3, 4, 4), generator=g, device=device), size=(h, w), mode="bilinear", align_corners=False)
+        field = field / field.std(dim=(2, 3), keepdim=True)
+        eps = eps + args.coarse_noise * field.repeat_interleave(per_color, 1)[:, :, None]
+    return eps / math.sqrt(1 + args.offset_noise**2 + args.coarse_noise**2)
+
+
 def lr_at(step: int, args) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -182,7 +206,7 @@ def main(argv=None) -> None:
         x0, captions = batch(cfg, codec, step, args, device)
         t = timesteps(cfg, step, args, x0.shape[0], device)
         g = torch.Generator(device=device).manual_seed(args.seed * 7919 + step)
-        eps = torch.randn(x0.shape, generator=g, device=device)
+        eps = training_noise(x0.shape, args, g, device)
         a = alphas[t][:, None, :, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         loss = F.mse_loss(unet(xt, t, text(captions), cfg.video.fps), eps)
