@@ -147,7 +147,7 @@ def training_noise(shape, args, g: torch.Generator, device) -> torch.Tensor:
         eps = eps + args.offset_noise * offset.repeat_interleave(per_color, 1)
     if args.coarse_noise:
         field = F.interpolate(torch.randn((b, 3, 4, 4), generator=g, device=device), size=(h, w), mode="bilinear", align_corners=False)
-        field = field / field.std(dim=(2, 3), keepdim=True)
+        field = field / field.pow(2).mean(dim=(2, 3), keepdim=True).sqrt()  # unit mean square
         eps = eps + args.coarse_noise * field.repeat_interleave(per_color, 1)[:, :, None]
     return eps / math.sqrt(1 + args.offset_noise**2 + args.coarse_noise**2)
 
@@ -203,6 +203,7 @@ def main(argv=None) -> None:
 
     t0 = time.time()
     while step < args.steps:
+        torch.manual_seed(args.seed * 1_000_003 + step)  # dropout masks: a function of the step, so resuming changes nothing
         x0, captions = batch(cfg, codec, step, args, device)
         t = timesteps(cfg, step, args, x0.shape[0], device)
         g = torch.Generator(device=device).manual_seed(args.seed * 7919 + step)

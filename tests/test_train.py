@@ -1,0 +1,62 @@
+"""tools/train.py: its training noise, and that an interrupted run resumes to the same weights."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+
+import train  # noqa: E402
+
+from fifo_stream.config import load_config  # noqa: E402
+from fifo_stream.model import load_model  # noqa: E402
+
+SHAPE = (256, 12, 8, 16, 16)
+
+
+def noise(*flags):
+    return train.training_noise(SHAPE, train.parse_args(list(flags)), torch.Generator().manual_seed(0), "cpu")
+
+
+def test_plain_training_noise_is_white():
+    assert torch.equal(noise(), torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)))
+
+
+def test_offset_noise_is_shared_by_a_clips_frames_and_pixels_and_keeps_unit_variance():
+    eps = noise("--offset-noise", "0.5")
+    assert eps.std().item() == pytest.approx(1.0, abs=0.01)
+    means = eps.mean(dim=(2, 3, 4))  # (clip, channel): the offset plus little white noise
+    assert means.std().item() == pytest.approx(0.5 / math.sqrt(1.25), rel=0.1)
+    # the 4 sub-pixel channels of one RGB channel share its offset; different colors do not
+    assert torch.corrcoef(torch.stack([means[:, 0], means[:, 3]]))[0, 1] > 0.95
+    assert abs(torch.corrcoef(torch.stack([means[:, 0], means[:, 4]]))[0, 1]) < 0.2
+
+
+def test_coarse_noise_is_smooth_and_keeps_unit_variance():
+    eps = noise("--coarse-noise", "1.0")
+    assert eps.std().item() == pytest.approx(1.0, abs=0.01)
+    frame_mean = eps.mean(dim=2)  # over frames the white part averages out, the shared field stays
+    right = (frame_mean[..., 1:] * frame_mean[..., :-1]).mean() / frame_mean.var()
+    assert right > 0.8  # neighbouring cells carry (nearly) the same field
+    white = noise().mean(dim=2)
+    assert abs((white[..., 1:] * white[..., :-1]).mean() / white.var()) < 0.05
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    def run(name, steps):
+        train.main(["--steps", str(steps), "--batch", "1", "--save-every", "1", "--offset-noise", "0.5",
+                    "--state", str(tmp_path / name / "state.pt"), "--log", str(tmp_path / name / "log.jsonl"),
+                    "--out", str(tmp_path / name / "model.safetensors")])
+        return load_file(tmp_path / name / "model.safetensors")
+
+    straight = run("straight", 2)
+    run("resumed", 1)
+    resumed = run("resumed", 2)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    model = load_model(load_config("tiny"), tmp_path / "straight" / "model.safetensors")  # the export loads as a model
+    assert model.text_encoder.tokenizer(["a red circle"]).shape[0] == 1
