@@ -19,6 +19,7 @@ SHAPE = (256, 12, 8, 16, 16)
 
 
 def noise(*flags):
+    flags = ["--offset-noise", "0", "--coarse-noise", "0", *flags]
     return train.training_noise(SHAPE, train.parse_args(list(flags)), torch.Generator().manual_seed(0), "cpu")
 
 

@@ -1,12 +1,14 @@
 """Train the embedded model (configs/tiny.yaml) on the procedural shapes world.
 
-    python tools/train.py --steps 2000 --out models/tiny-shapes.safetensors
+    python tools/train.py --threads 2 --out models/tiny-shapes.safetensors
 
 eps prediction on the model's (VideoCrafter) noise schedule, classifier-free guidance
 dropout, AdamW with warm-up and cosine decay, and an EMA of the weights (the EMA is
 what gets exported). Half of the batches use one timestep per clip (as in plain DDIM);
 the other half use per-frame timesteps from the FIFO ladder the sampler uses, so the
-model sees the staggered noise levels of FIFO windows during training.
+model sees the staggered noise levels of FIFO windows during training; three quarters of the
+one-timestep batches use the sampler's levels too (``--focus``). The training noise has
+low-frequency parts (``--offset-noise``, ``--coarse-noise``; see :func:`training_noise`).
 
 Resumable: a training state is written atomically every ``--save-every`` steps to
 ``--state`` and picked up automatically; the loss is logged to stdout and ``--log``
@@ -49,16 +51,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="models/tiny-shapes.safetensors")
     p.add_argument("--state", default="runs/train/state.pt", help="resumable training state")
     p.add_argument("--log", default="runs/train/log.jsonl")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=4, help="clips per step")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
     p.add_argument("--fifo-fraction", type=float, default=0.5, help="fraction of batches with FIFO per-frame timesteps")
-    p.add_argument("--focus", type=float, default=0.0, help="fraction of one-timestep batches drawn from the sampler's FIFO levels")
-    p.add_argument("--offset-noise", type=float, default=0.0, help="weight of a per-clip, per-color constant added to the noise")
-    p.add_argument("--coarse-noise", type=float, default=0.0, help="weight of a per-clip 4x4 noise field, upsampled, added to the noise")
+    p.add_argument("--focus", type=float, default=0.75, help="fraction of one-timestep batches drawn from the sampler's FIFO levels")
+    p.add_argument("--offset-noise", type=float, default=0.5, help="weight of a per-clip, per-color constant added to the noise")
+    p.add_argument("--coarse-noise", type=float, default=0.3, help="weight of a per-clip 4x4 noise field, upsampled, added to the noise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--device", default="auto")
