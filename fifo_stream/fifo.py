@@ -99,8 +99,6 @@ class FifoEngine:
         """``forward`` replaces ``unet(x, t, context, fps)`` for the ticks, e.g. a compiled U-Net."""
         if mode not in ("batched", "sequential"):
             raise FifoStreamError(f"unknown FIFO mode {mode!r}; use 'batched' or 'sequential'")
-        if mode == "sequential" and distributed.world_size() > 1:
-            raise FifoStreamError("sampling.mode=sequential runs on one process; use sampling.mode=batched under torchrun")
         if max_batch is not None and max_batch < 1:
             raise FifoStreamError(f"max_batch must be >= 1, got {max_batch}")
         self.unet = unet

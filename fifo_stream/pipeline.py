@@ -38,8 +38,12 @@ def fifo_settings(cfg: DictConfig, model: VideoModel) -> FifoSettings:
 
 def check_world_size(cfg: DictConfig) -> None:
     """Refuse what cannot be shared out over the processes of a torchrun job."""
-    if cfg.consistency.refbank.enabled and distributed.world_size() > 1:
+    if distributed.world_size() == 1:
+        return
+    if cfg.consistency.refbank.enabled:
         raise FifoStreamError("consistency.refbank runs on one process: under torchrun each process would record only its own windows")
+    if cfg.sampling.mode == "sequential":
+        raise FifoStreamError("sampling.mode=sequential runs on one process; use sampling.mode=batched under torchrun")
 
 
 class FrameStream:
