@@ -1,4 +1,4 @@
-"""tools/train.py: its training noise, and that an interrupted run resumes to the same weights."""
+"""tools/train.py: its training noise and clips, and that an interrupted run resumes to the same weights."""
 
 import math
 import sys
@@ -45,6 +45,22 @@ def test_coarse_noise_is_smooth_and_keeps_unit_variance():
     assert right > 0.8  # neighbouring cells carry (nearly) the same field
     white = noise().mean(dim=2)
     assert abs((white[..., 1:] * white[..., :-1]).mean() / white.var()) < 0.05
+
+
+def test_short_clip_steps_spend_the_same_frames_on_more_scenes():
+    cfg = load_config("tiny")
+    codec = train.build_vae(dict(cfg.model.vae))
+    args = train.parse_args([])
+    shapes = [train.clip_shape(cfg, step, args) for step in range(64)]
+    assert set(shapes) == {(4, 8), (16, 2)}
+    assert 16 <= shapes.count((16, 2)) <= 48
+    assert {train.clip_shape(cfg, step, train.parse_args(["--short-fraction", "0"])) for step in range(64)} == {(4, 8)}
+    step = shapes.index((16, 2))
+    x0, captions = train.batch(cfg, codec, step, args, "cpu")
+    assert x0.shape == (16, 12, 2, 16, 16) and len(captions) == 16
+    assert len({tuple(x0[i].flatten().tolist()) for i in range(16)}) == 16  # sixteen different scenes
+    t = train.timesteps(cfg, step, args, 16, 2, "cpu")
+    assert t.shape == (16, 2)
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):

@@ -7,7 +7,8 @@ dropout, AdamW with warm-up and cosine decay, and an EMA of the weights (the EMA
 what gets exported). Half of the batches use one timestep per clip (as in plain DDIM);
 the other half use per-frame timesteps from the FIFO ladder the sampler uses, so the
 model sees the staggered noise levels of FIFO windows during training; three quarters of the
-one-timestep batches use the sampler's levels too (``--focus``). The training noise has
+one-timestep batches use the sampler's levels too (``--focus``). Half of the steps spend their
+frames on short clips of more scenes (``--short-fraction``, ``--short-frames``). The training noise has
 low-frequency parts (``--offset-noise``, ``--coarse-noise``; see :func:`training_noise`).
 
 Resumable: a training state is written atomically every ``--save-every`` steps to
@@ -51,8 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="models/tiny-shapes.safetensors")
     p.add_argument("--state", default="runs/train/state.pt", help="resumable training state")
     p.add_argument("--log", default="runs/train/log.jsonl")
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch", type=int, default=4, help="clips per step")
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--batch", type=int, default=4, help="clips of the model's full length per step")
+    p.add_argument("--short-frames", type=int, default=2, help="frames per clip in short-clip steps")
+    p.add_argument("--short-fraction", type=float, default=0.5, help="fraction of steps on short clips (same frames per step, more scenes)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.995)
@@ -99,12 +102,28 @@ def zero_init(unet: UNet3D) -> None:
             torch.nn.init.zeros_(layer.bias)
 
 
+def clip_shape(cfg, step: int, args) -> tuple[int, int]:
+    """(clips, frames per clip) of training step ``step``.
+
+    A clip's frames differ by a pixel or two, so a full-length clip teaches the spatial layers
+    (what a red square looks like) little more than a short one, at several times the cost. Short-clip
+    steps spend the same frames on more scenes; full-length steps keep teaching the temporal layers
+    the model's whole window.
+    """
+    f = cfg.model.unet.temporal_length
+    g = torch.Generator().manual_seed(args.seed * 1_000_033 + step)
+    if torch.rand((), generator=g) < args.short_fraction:
+        return args.batch * f // args.short_frames, args.short_frames
+    return args.batch, f
+
+
 def batch(cfg, codec, step: int, args, device) -> tuple[torch.Tensor, list[str]]:
     """Clean latents (B, c, f, h, w) and captions of training step ``step``."""
-    size, f = cfg.video.height, cfg.model.unet.temporal_length
+    size = cfg.video.height
+    count, f = clip_shape(cfg, step, args)
     clips, captions = [], []
     rng = np.random.default_rng([args.seed, step])
-    for i in range(args.batch):
+    for i in range(count):
         video, text = world.sample_clip(int(rng.integers(2**62)), size, f)
         clips.append(video)
         captions.append("" if rng.random() < args.cfg_dropout else text)
@@ -114,16 +133,15 @@ def batch(cfg, codec, step: int, args, device) -> tuple[torch.Tensor, list[str]]
     return z.unflatten(0, (b, t)).transpose(1, 2), captions
 
 
-def timesteps(cfg, step: int, args, b: int, device) -> torch.Tensor:
+def timesteps(cfg, step: int, args, b: int, f: int, device) -> torch.Tensor:
     """(b, f) timesteps: one per clip, or a window of the FIFO ladder (with its lookahead head).
 
     With ``--focus`` the one-per-clip timesteps come from the ladder's levels that often: the
     default sampler only ever evaluates those, so the model's capacity goes where it is used.
     """
-    f = cfg.model.unet.temporal_length
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     n = cfg.model.schedule.num_train_timesteps
-    ladder = fifo_timesteps(f * cfg.sampling.partitions, n)
+    ladder = fifo_timesteps(cfg.model.unet.temporal_length * cfg.sampling.partitions, n)
     if torch.rand((), generator=g) >= args.fifo_fraction:
         if torch.rand((), generator=g) < args.focus:
             return ladder[torch.randint(0, len(ladder), (b, 1), generator=g)].expand(b, f).to(device)
@@ -207,7 +225,7 @@ def main(argv=None) -> None:
     while step < args.steps:
         torch.manual_seed(args.seed * 1_000_003 + step)  # dropout masks: a function of the step, so resuming changes nothing
         x0, captions = batch(cfg, codec, step, args, device)
-        t = timesteps(cfg, step, args, x0.shape[0], device)
+        t = timesteps(cfg, step, args, x0.shape[0], x0.shape[2], device)
         g = torch.Generator(device=device).manual_seed(args.seed * 7919 + step)
         eps = training_noise(x0.shape, args, g, device)
         a = alphas[t][:, None, :, None, None]
