@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="models/tiny-shapes.safetensors")
     p.add_argument("--state", default="runs/train/state.pt", help="resumable training state")
     p.add_argument("--log", default="runs/train/log.jsonl")
-    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=4, help="clips of the model's full length per step")
     p.add_argument("--short-frames", type=int, default=2, help="frames per clip in short-clip steps")
     p.add_argument("--short-fraction", type=float, default=0.5, help="fraction of steps on short clips (same frames per step, more scenes)")
@@ -62,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
     p.add_argument("--fifo-fraction", type=float, default=0.5, help="fraction of batches with FIFO per-frame timesteps")
     p.add_argument("--focus", type=float, default=0.75, help="fraction of one-timestep batches drawn from the sampler's FIFO levels")
-    p.add_argument("--offset-noise", type=float, default=0.5, help="weight of a per-clip, per-color constant added to the noise")
-    p.add_argument("--coarse-noise", type=float, default=0.3, help="weight of a per-clip 4x4 noise field, upsampled, added to the noise")
+    p.add_argument("--offset-noise", type=float, default=0.3, help="weight of a per-clip, per-color constant added to the noise")
+    p.add_argument("--coarse-noise", type=float, default=0.2, help="weight of a per-clip 4x4 noise field, upsampled, added to the noise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--device", default="auto")
@@ -151,13 +151,17 @@ def timesteps(cfg, step: int, args, b: int, f: int, device) -> torch.Tensor:
 
 
 def training_noise(shape, args, g: torch.Generator, device) -> torch.Tensor:
-    """Unit-variance training noise: white, plus optional low-frequency parts shared by a clip's frames.
+    """Training noise: unit white noise, plus optional low-frequency parts shared by a clip's frames.
 
     The VideoCrafter schedule keeps sqrt(alpha_999) = 0.07 of the signal at its noisiest step. In
     pixel space a frame's mean color survives that (averaged over 32x32 pixels it stands far above
     the noise), so a model trained on white noise reads the background and colors off the noise it
     is sampled from and ignores the prompt. A per-clip constant (offset noise) and a coarse field
     of the same size hide what is that coarse, so the prompt has to decide it.
+
+    The low-frequency parts are added on top and the sum is not rescaled: the sampler injects unit
+    white noise, and a model trained on white noise of a smaller variance leaves the difference,
+    amplified by 1 / sqrt(alpha), in every pixel of its samples.
     """
     b, c, f, h, w = shape
     eps = torch.randn(shape, generator=g, device=device)
@@ -169,7 +173,7 @@ def training_noise(shape, args, g: torch.Generator, device) -> torch.Tensor:
         field = F.interpolate(torch.randn((b, 3, 4, 4), generator=g, device=device), size=(h, w), mode="bilinear", align_corners=False)
         field = field / field.pow(2).mean(dim=(2, 3), keepdim=True).sqrt()  # unit mean square
         eps = eps + args.coarse_noise * field.repeat_interleave(per_color, 1)[:, :, None]
-    return eps / math.sqrt(1 + args.offset_noise**2 + args.coarse_noise**2)
+    return eps
 
 
 def lr_at(step: int, args) -> float:
