@@ -91,7 +91,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "model.vae.type", str, lambda v: v in ("autoencoder_kl", "pixel_shuffle"), "autoencoder_kl or pixel_shuffle")
     if cfg.model.vae.type == "pixel_shuffle":
         _check(cfg, "model.vae.factor", int, positive, "a positive integer (pixels per latent cell along each side)")
-        _check(cfg, "model.vae.upscale", int, positive, "a positive integer")
+    _check(cfg, "model.vae.upscale", int, positive, "a positive integer (output pixels per decoded pixel)")
     _check(cfg, "model.text_encoder.tokenizer", str, lambda v: v in ("clip_bpe", "words"), "clip_bpe or words")
     _check(cfg, "model.unet.temporal_length", int, lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2 (frames per window)")
     _check(cfg, "sampling.partitions", int, lambda v: v >= 1, "an integer >= 1")

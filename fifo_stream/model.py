@@ -34,7 +34,8 @@ class VideoModel:
     scale_factor: float
     device: torch.device
     dtype: torch.dtype
-    spatial_factor: int  # pixels per latent cell along each side
+    spatial_factor: int  # output pixels per latent cell along each side
+    upscale: int  # output pixels per decoded pixel along each side
 
     @property
     def frames_per_window(self) -> int:
@@ -48,7 +49,7 @@ class VideoModel:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
         """Latent frames (b, c, t, h, w) -> uint8 frames (b, t, H, W, 3) on the CPU."""
-        return to_uint8(decode_latents(self.vae, latents, self.scale_factor, batch_size)).cpu()
+        return to_uint8(decode_latents(self.vae, latents, self.scale_factor, batch_size, upscale=self.upscale)).cpu()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,6 +161,7 @@ def load_model(cfg: DictConfig, checkpoint: str | Path | None = None, trust: boo
         device=device,
         dtype=dtype,
         spatial_factor=spatial_factor(vae_cfg),
+        upscale=int(vae_cfg.get("upscale") or 1),
     )
 
 

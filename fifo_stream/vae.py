@@ -63,20 +63,18 @@ def diffusers_vae_config(cfg: Mapping) -> dict:
 
 
 class PixelShuffleCodec(nn.Module):
-    """A weightless "first stage" for pixel-space models: space-to-depth by ``factor``.
+    """A weightless "first stage" for pixel-space models: lossless space-to-depth by ``factor``.
 
-    Frames (b, 3, H, W) in [-1, 1] are averaged over ``upscale`` x ``upscale`` blocks, then
-    folded into latents (b, 3 factor^2, H/(factor upscale), W/(factor upscale)); decoding
-    unfolds and repeats each pixel ``upscale`` times (nearest). With ``upscale`` 1 it is
-    lossless. It has the AutoencoderKL methods the pipeline uses
-    (``encode(x).latent_dist.mean``, ``decode(z, return_dict=False)[0]``, ``device``, ``dtype``).
+    Frames (b, 3, H, W) in [-1, 1] fold into latents (b, 3 factor^2, H/factor, W/factor).
+    It has the AutoencoderKL methods the pipeline uses (``encode(x).latent_dist.mean``,
+    ``decode(z, return_dict=False)[0]``, ``device``, ``dtype``).
     """
 
-    def __init__(self, factor: int, upscale: int = 1):
+    def __init__(self, factor: int):
         super().__init__()
-        if factor < 1 or upscale < 1:
-            raise FifoStreamError(f"pixel_shuffle VAE factor and upscale must be >= 1, got {factor} and {upscale}")
-        self.factor, self.upscale = factor, upscale
+        if factor < 1:
+            raise FifoStreamError(f"pixel_shuffle VAE factor must be >= 1, got {factor}")
+        self.factor = factor
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # carries device and dtype
 
     @property
@@ -88,18 +86,19 @@ class PixelShuffleCodec(nn.Module):
         return self._anchor.dtype
 
     def encode(self, x: torch.Tensor):
-        mean = F.pixel_unshuffle(F.avg_pool2d(x, self.upscale), self.factor)
-        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean))
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=F.pixel_unshuffle(x, self.factor)))
 
     def decode(self, z: torch.Tensor, return_dict: bool = False):
-        return (F.interpolate(F.pixel_shuffle(z, self.factor), scale_factor=self.upscale, mode="nearest"),)
+        return (F.pixel_shuffle(z, self.factor),)
 
 
 def spatial_factor(cfg: Mapping) -> int:
-    """How many pixels one latent cell spans along each side."""
+    """How many output pixels one latent cell spans along each side (``upscale`` included)."""
     if cfg.get("type", "autoencoder_kl") == "pixel_shuffle":
-        return int(cfg["factor"]) * int(cfg.get("upscale") or 1)
-    return 2 ** (len(cfg["ch_mult"]) - 1)
+        factor = int(cfg["factor"])
+    else:
+        factor = 2 ** (len(cfg["ch_mult"]) - 1)
+    return factor * int(cfg.get("upscale") or 1)
 
 
 def build_vae(cfg: Mapping = VIDEOCRAFTER2_VAE) -> AutoencoderKL | PixelShuffleCodec:
@@ -108,10 +107,11 @@ def build_vae(cfg: Mapping = VIDEOCRAFTER2_VAE) -> AutoencoderKL | PixelShuffleC
     ``type: autoencoder_kl`` (default) is a diffusers AutoencoderKL from LDM ``ddconfig``
     keys (dropout ignored: inference only; build under ``torch.device("meta")`` for a
     weightless skeleton); ``type: pixel_shuffle`` is the weightless :class:`PixelShuffleCodec`.
+    Either works at the frame size divided by ``upscale`` (see :func:`encode_frames`).
     """
     kind = cfg.get("type", "autoencoder_kl")
     if kind == "pixel_shuffle":
-        return PixelShuffleCodec(int(cfg["factor"]), int(cfg.get("upscale") or 1)).eval()
+        return PixelShuffleCodec(int(cfg["factor"])).eval()
     if kind != "autoencoder_kl":
         raise FifoStreamError(f"unknown VAE type {kind!r}; use autoencoder_kl or pixel_shuffle")
     from diffusers import AutoencoderKL
@@ -151,6 +151,40 @@ def _convert(ldm_state: Mapping[str, torch.Tensor], config: Mapping) -> dict[str
         ) from None
 
 
+_LDM_NAMES = (  # diffusers name part -> LDM name part, applied in order
+    ("mid_block.resnets.0.", "mid.block_1."),
+    ("mid_block.resnets.1.", "mid.block_2."),
+    ("mid_block.attentions.0.group_norm.", "mid.attn_1.norm."),
+    ("mid_block.attentions.0.to_q.", "mid.attn_1.q."),
+    ("mid_block.attentions.0.to_k.", "mid.attn_1.k."),
+    ("mid_block.attentions.0.to_v.", "mid.attn_1.v."),
+    ("mid_block.attentions.0.to_out.0.", "mid.attn_1.proj_out."),
+    ("down_blocks.", "down."),
+    ("resnets.", "block."),
+    ("downsamplers.0.", "downsample."),
+    ("upsamplers.0.", "upsample."),
+    ("conv_shortcut.", "nin_shortcut."),
+    ("conv_norm_out.", "norm_out."),
+)
+
+
+def ldm_vae_state_dict(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
+    """The weights of a diffusers AutoencoderKL under their LDM names: the inverse of
+    :func:`convert_vae_state_dict`, so trained VAEs are saved in the checkpoint layout."""
+    levels = len(vae.config.block_out_channels)
+    out = {}
+    for name, value in vae.state_dict().items():
+        if name.startswith("decoder.up_blocks."):  # LDM numbers the decoder's levels from the top
+            index, rest = name[len("decoder.up_blocks."):].split(".", 1)
+            name = f"decoder.up.{levels - 1 - int(index)}.{rest}"
+        for old, new in _LDM_NAMES:
+            name = name.replace(old, new)
+        if ".attn_1." in name and name.endswith("weight") and value.dim() == 2:
+            value = value[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
+        out[name] = value
+    return out
+
+
 def load_vae_weights(vae: AutoencoderKL | PixelShuffleCodec, ldm_state: Mapping[str, torch.Tensor]) -> None:
     """Load LDM VAE weights (``first_stage_model.`` prefix removed) strictly into ``vae``."""
     if isinstance(vae, PixelShuffleCodec):
@@ -168,11 +202,13 @@ def decode_latents(
     scale_factor: float = SCALE_FACTOR,
     batch_size: int = 8,
     clamp: bool = True,
+    upscale: int = 1,
 ) -> torch.Tensor:
     """Decode video latents (b, c, t, h, w) to float32 frames (b, t, 3, H, W) on ``z``'s device.
 
-    Latents are divided by ``scale_factor`` and decoded ``batch_size`` frames at a time;
-    with ``clamp`` the output is clamped to [-1, 1], otherwise it is the raw decoder output.
+    Latents are divided by ``scale_factor`` and decoded ``batch_size`` frames at a time, and
+    each decoded pixel is repeated ``upscale`` times along each side (nearest); with ``clamp``
+    the output is clamped to [-1, 1], otherwise it is the raw decoder output.
     """
     b, c, t, h, w = z.shape
     flat = z.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
@@ -180,6 +216,8 @@ def decode_latents(
     for start in range(0, b * t, batch_size):
         chunk = (flat[start : start + batch_size].float() / scale_factor).to(vae.device, vae.dtype)
         frames = vae.decode(chunk, return_dict=False)[0].float()
+        if upscale > 1:
+            frames = F.interpolate(frames, scale_factor=upscale, mode="nearest")
         if out is None:  # the output size is only known after the first chunk
             out = torch.empty((b * t, *frames.shape[1:]), dtype=torch.float32, device=z.device)
         out[start : start + batch_size] = frames
@@ -189,8 +227,14 @@ def decode_latents(
 
 
 @torch.no_grad()
-def encode_frames(vae: AutoencoderKL, frames: torch.Tensor, scale_factor: float = SCALE_FACTOR) -> torch.Tensor:
-    """Latents of images (b, 3, H, W) in [-1, 1]: the posterior mean times ``scale_factor``, float32."""
+def encode_frames(vae: AutoencoderKL, frames: torch.Tensor, scale_factor: float = SCALE_FACTOR, upscale: int = 1) -> torch.Tensor:
+    """Latents of images (b, 3, H, W) in [-1, 1]: the posterior mean times ``scale_factor``, float32.
+
+    With ``upscale`` the images are first averaged over ``upscale`` x ``upscale`` blocks,
+    the inverse of :func:`decode_latents`' repetition.
+    """
+    if upscale > 1:
+        frames = F.avg_pool2d(frames, upscale)
     posterior = vae.encode(frames.to(vae.device, vae.dtype)).latent_dist
     return posterior.mean.float() * scale_factor
 

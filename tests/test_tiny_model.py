@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from fifo_stream import world
-from fifo_stream.checkpoint import TEXT_PREFIX, UNET_PREFIX, CheckpointError, read_metadata, save_safetensors
+from fifo_stream.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointError, read_metadata, save_safetensors
 from fifo_stream.config import DEFAULT_CONFIG, load_config
 from fifo_stream.model import TOKENIZER_KEY, VOCAB_KEY, load_model
 from fifo_stream.pipeline import generate
@@ -20,7 +20,7 @@ from fifo_stream.sampling import ddim_step
 from fifo_stream.text_encoder import OpenCLIPTextTower
 from fifo_stream.tokenizer import TokenizerError, WordTokenizer
 from fifo_stream.unet import UNet3D
-from fifo_stream.vae import PixelShuffleCodec, build_vae, decode_latents, encode_frames, to_uint8
+from fifo_stream.vae import PixelShuffleCodec, build_vae, decode_latents, encode_frames, ldm_vae_state_dict, to_uint8
 
 SHIPPED = ROOT / "models" / "tiny-shapes.safetensors"
 PROMPT = "a red circle moves right on a black background"
@@ -46,16 +46,16 @@ def test_pixel_shuffle_codec_is_lossless():
     assert z[0, :3, 0, 0].tolist() == frames[0, 0, 0, :3].tolist()  # channel c*16 + dy*4 + dx holds pixel (dy, dx)
 
 
-def test_pixel_shuffle_codec_with_upscale_averages_and_repeats():
+def test_upscale_averages_on_encode_and_repeats_on_decode():
     codec = build_vae({"type": "pixel_shuffle", "factor": 2, "upscale": 2})
     frames = torch.rand(2, 3, 16, 16) * 2 - 1
-    z = encode_frames(codec, frames, scale_factor=1.0)
+    z = encode_frames(codec, frames, scale_factor=1.0, upscale=2)
     assert z.shape == (2, 12, 4, 4)
     assert torch.allclose(z[0, 0, 0, 0], frames[0, 0, :2, :2].mean())
-    back = decode_latents(codec, z.transpose(0, 1)[None], scale_factor=1.0)[0]
+    back = decode_latents(codec, z.transpose(0, 1)[None], scale_factor=1.0, upscale=2)[0]
     assert back.shape == frames.shape
     assert torch.equal(back[:, :, ::2, ::2], back[:, :, 1::2, 1::2])  # each model pixel fills a 2x2 block
-    assert torch.allclose(encode_frames(codec, back, scale_factor=1.0), z.clamp(-1, 1))  # decode is encode's right inverse
+    assert torch.allclose(encode_frames(codec, back, scale_factor=1.0, upscale=2), z.clamp(-1, 1))  # decode is encode's right inverse
 
 
 def _tiny_checkpoint(path, metadata):
@@ -66,6 +66,7 @@ def _tiny_checkpoint(path, metadata):
     tower = OpenCLIPTextTower(**text_cfg)
     state = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     state.update({TEXT_PREFIX + k: v for k, v in tower.state_dict().items()})
+    state.update({VAE_PREFIX + k: v for k, v in ldm_vae_state_dict(build_vae(OmegaConf.to_container(cfg.model.vae))).items()})
     save_safetensors(state, path, torch.float16, metadata)
     return path
 
@@ -77,7 +78,7 @@ def test_checkpoint_metadata_selects_and_checks_the_tokenizer(tmp_path):
     model = load_model(load_config("tiny"), ckpt)
     assert isinstance(model.text_encoder.tokenizer, WordTokenizer)
     assert model.text_encoder.encode([PROMPT]).shape == (1, 16, 64)
-    assert model.spatial_factor == 4
+    assert model.spatial_factor == 8 and model.upscale == 2
     with pytest.raises(CheckpointError, match="made for the 'words' tokenizer but the config says 'clip_bpe'"):
         load_model(load_config("tiny", ["model.text_encoder.tokenizer=clip_bpe"]), ckpt)
     bare = _tiny_checkpoint(tmp_path / "bare.safetensors", None)

@@ -10,16 +10,18 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 import train  # noqa: E402
+import train_vae  # noqa: E402
 
+from fifo_stream.checkpoint import VAE_PREFIX  # noqa: E402
 from fifo_stream.config import load_config  # noqa: E402
 from fifo_stream.model import load_model  # noqa: E402
 
 SHAPE = (256, 12, 8, 16, 16)
 
 
-def noise(*flags):
+def noise(*flags, shared=4):
     flags = ["--offset-noise", "0", "--coarse-noise", "0", *flags]
-    return train.training_noise(SHAPE, train.parse_args(list(flags)), torch.Generator().manual_seed(0), "cpu")
+    return train.training_noise(SHAPE, train.parse_args(list(flags)), torch.Generator().manual_seed(0), "cpu", shared)
 
 
 def test_plain_training_noise_is_white():
@@ -35,6 +37,8 @@ def test_offset_noise_is_shared_by_a_clips_frames_and_pixels_on_top_of_unit_whit
     # the 4 sub-pixel channels of one RGB channel share its offset; different colors do not
     assert torch.allclose(means[:, 0], means[:, 3], atol=1e-6)
     assert abs(torch.corrcoef(torch.stack([means[:, 0], means[:, 4]]))[0, 1]) < 0.2
+    own = (noise("--offset-noise", "0.5", shared=1) - noise(shared=1))[:, :, 0, 0, 0]  # a learned latent: every channel its own
+    assert max(abs(torch.corrcoef(own[:, i : i + 2].T)[0, 1]) for i in range(11)) < 0.2
 
 
 def test_coarse_noise_is_smooth_and_on_top_of_unit_white_noise():
@@ -57,7 +61,7 @@ def test_short_clip_steps_spend_the_same_frames_on_more_scenes():
     assert {train.clip_shape(cfg, step, train.parse_args(["--short-fraction", "0"])) for step in range(64)} == {(4, 8)}
     step = shapes.index((16, 2))
     x0, captions = train.batch(cfg, codec, step, args, "cpu")
-    assert x0.shape == (16, 12, 2, 16, 16) and len(captions) == 16
+    assert x0.shape == (16, 4, 2, 8, 8) and len(captions) == 16
     assert len({tuple(x0[i].flatten().tolist()) for i in range(16)}) == 16  # sixteen different scenes
     t = train.timesteps(cfg, step, args, 16, 2, "cpu")
     assert t.shape == (16, 2)
@@ -67,7 +71,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     def run(name, steps):
         train.main(["--steps", str(steps), "--batch", "1", "--save-every", "1", "--offset-noise", "0.5",
                     "--state", str(tmp_path / name / "state.pt"), "--log", str(tmp_path / name / "log.jsonl"),
-                    "--out", str(tmp_path / name / "model.safetensors")])
+                    "--out", str(tmp_path / name / "model.safetensors"),
+                    "--vae-steps", "2", "--vae-batch", "2", "--vae-state", str(tmp_path / name / "vae.pt")])
         return load_file(tmp_path / name / "model.safetensors")
 
     straight = run("straight", 2)
@@ -75,5 +80,18 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     resumed = run("resumed", 2)
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert any(k.startswith(VAE_PREFIX) for k in straight)  # the trained first stage ships with the model
     model = load_model(load_config("tiny"), tmp_path / "straight" / "model.safetensors")  # the export loads as a model
     assert model.text_encoder.tokenizer(["a red circle"]).shape[0] == 1
+
+
+def test_an_interrupted_first_stage_resumes_to_the_same_weights(tmp_path):
+    def run(name, steps):
+        train_vae.main(["--vae-steps", str(steps), "--vae-batch", "2", "--vae-state", str(tmp_path / name)])
+        return torch.load(tmp_path / name, weights_only=True)["vae"]
+
+    straight = run("straight.pt", 3)
+    run("resumed.pt", 1)
+    resumed = run("resumed.pt", 3)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not torch.equal(straight["encoder.conv_in.weight"], run("short.pt", 1)["encoder.conv_in.weight"])  # it trains

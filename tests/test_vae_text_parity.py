@@ -19,6 +19,7 @@ from fifo_stream.vae import (
     convert_vae_state_dict,
     decode_latents,
     encode_frames,
+    ldm_vae_state_dict,
     load_vae_weights,
     to_uint8,
 )
@@ -119,6 +120,14 @@ def test_encode_matches_ldm(fixture_vae, vae_oracle):
     with torch.no_grad():
         logvar = fixture_vae.encode(vae_oracle["x"]).latent_dist.logvar
     assert (logvar - vae_oracle["posterior_logvar"]).abs().max() <= 1e-4
+
+
+def test_trained_vaes_are_saved_in_the_ldm_layout(fixture_vae, vae_oracle):
+    """ldm_vae_state_dict inverts the loader's renaming: the fixture's own LDM names and tensors come back."""
+    exported = ldm_vae_state_dict(fixture_vae)
+    original = extract(vae_oracle["state_dict"], VAE_PREFIX)
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k]) for k in original)
 
 
 def test_decode_chunking_and_clamp(fixture_vae, vae_oracle):

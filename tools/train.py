@@ -9,7 +9,8 @@ the other half use per-frame timesteps from the FIFO ladder the sampler uses, so
 model sees the staggered noise levels of FIFO windows during training; three quarters of the
 one-timestep batches use the sampler's levels too (``--focus``). Half of the steps spend their
 frames on short clips of more scenes (``--short-fraction``, ``--short-frames``). The training noise has
-low-frequency parts (``--offset-noise``, ``--coarse-noise``; see :func:`training_noise`).
+low-frequency parts (``--offset-noise``, ``--coarse-noise``; see :func:`training_noise`). A latent model's
+first stage (an ``autoencoder_kl`` VAE) is trained first by tools/train_vae.py, then frozen.
 
 Resumable: a training state is written atomically every ``--save-every`` steps to
 ``--state`` and picked up automatically; the loss is logged to stdout and ``--log``
@@ -34,8 +35,11 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from train_vae import add_args as add_vae_args  # noqa: E402
+from train_vae import train_vae  # noqa: E402
+
 from fifo_stream import world  # noqa: E402
-from fifo_stream.checkpoint import TEXT_PREFIX, UNET_PREFIX, save_safetensors  # noqa: E402
+from fifo_stream.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, save_safetensors  # noqa: E402
 from fifo_stream.config import load_config  # noqa: E402
 from fifo_stream.durable import atomic_write  # noqa: E402
 from fifo_stream.model import TOKENIZER_KEY, VOCAB_KEY  # noqa: E402
@@ -43,7 +47,7 @@ from fifo_stream.schedule import alphas_cumprod, fifo_timesteps  # noqa: E402
 from fifo_stream.text_encoder import OpenCLIPTextTower, TextEncoder  # noqa: E402
 from fifo_stream.tokenizer import WordTokenizer  # noqa: E402
 from fifo_stream.unet import UNet3D  # noqa: E402
-from fifo_stream.vae import build_vae  # noqa: E402
+from fifo_stream.vae import PixelShuffleCodec, build_vae, encode_frames, ldm_vae_state_dict  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="models/tiny-shapes.safetensors")
     p.add_argument("--state", default="runs/train/state.pt", help="resumable training state")
     p.add_argument("--log", default="runs/train/log.jsonl")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch", type=int, default=4, help="clips of the model's full length per step")
     p.add_argument("--short-frames", type=int, default=2, help="frames per clip in short-clip steps")
     p.add_argument("--short-fraction", type=float, default=0.5, help="fraction of steps on short clips (same frames per step, more scenes)")
@@ -68,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_vae_args(p)
     return p.parse_args(argv)
 
 
@@ -129,7 +134,7 @@ def batch(cfg, codec, step: int, args, device) -> tuple[torch.Tensor, list[str]]
         captions.append("" if rng.random() < args.cfg_dropout else text)
     pixels = torch.from_numpy(np.stack(clips)).to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # b t 3 H W
     b, t = pixels.shape[:2]
-    z = codec.encode(pixels.flatten(0, 1)).latent_dist.mean * cfg.model.schedule.scale_factor
+    z = encode_frames(codec, pixels.flatten(0, 1), cfg.model.schedule.scale_factor, cfg.model.vae.upscale)
     return z.unflatten(0, (b, t)).transpose(1, 2), captions
 
 
@@ -150,7 +155,7 @@ def timesteps(cfg, step: int, args, b: int, f: int, device) -> torch.Tensor:
     return ladder[(start + torch.arange(f)).clamp(min=0)].to(device)
 
 
-def training_noise(shape, args, g: torch.Generator, device) -> torch.Tensor:
+def training_noise(shape, args, g: torch.Generator, device, shared: int = 1) -> torch.Tensor:
     """Training noise: unit white noise, plus optional low-frequency parts shared by a clip's frames.
 
     The VideoCrafter schedule keeps sqrt(alpha_999) = 0.07 of the signal at its noisiest step. In
@@ -161,18 +166,20 @@ def training_noise(shape, args, g: torch.Generator, device) -> torch.Tensor:
 
     The low-frequency parts are added on top and the sum is not rescaled: the sampler injects unit
     white noise, and a model trained on white noise of a smaller variance leaves the difference,
-    amplified by 1 / sqrt(alpha), in every pixel of its samples.
+    amplified by 1 / sqrt(alpha), in every pixel of its samples. Each run of ``shared`` neighbouring
+    channels gets the same low-frequency parts (the pixel_shuffle codec stores an RGB channel's
+    sub-pixels next to each other, and they are one color).
     """
     b, c, f, h, w = shape
     eps = torch.randn(shape, generator=g, device=device)
-    per_color = c // 3  # the pixel_shuffle codec stores each RGB channel's sub-pixels next to each other
+    groups = c // shared
     if args.offset_noise:
-        offset = torch.randn((b, 3, 1, 1, 1), generator=g, device=device)
-        eps = eps + args.offset_noise * offset.repeat_interleave(per_color, 1)
+        offset = torch.randn((b, groups, 1, 1, 1), generator=g, device=device)
+        eps = eps + args.offset_noise * offset.repeat_interleave(shared, 1)
     if args.coarse_noise:
-        field = F.interpolate(torch.randn((b, 3, 4, 4), generator=g, device=device), size=(h, w), mode="bilinear", align_corners=False)
+        field = F.interpolate(torch.randn((b, groups, 4, 4), generator=g, device=device), size=(h, w), mode="bilinear", align_corners=False)
         field = field / field.pow(2).mean(dim=(2, 3), keepdim=True).sqrt()  # unit mean square
-        eps = eps + args.coarse_noise * field.repeat_interleave(per_color, 1)[:, :, None]
+        eps = eps + args.coarse_noise * field.repeat_interleave(shared, 1)[:, :, None]
     return eps
 
 
@@ -183,9 +190,11 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def export(path: Path, ema: dict, cfg, step: int, loss: float) -> None:
+def export(path: Path, ema: dict, codec, cfg, step: int, loss: float) -> None:
     state = {UNET_PREFIX + k[len("unet."):]: v for k, v in ema.items() if k.startswith("unet.")}
     state.update({TEXT_PREFIX + k[len("text.tower."):]: v for k, v in ema.items() if k.startswith("text.tower.")})
+    if not isinstance(codec, PixelShuffleCodec):
+        state.update({VAE_PREFIX + k: v for k, v in ldm_vae_state_dict(codec).items()})
     meta = {
         TOKENIZER_KEY: "words",
         VOCAB_KEY: json.dumps(list(world.VOCAB)),
@@ -208,7 +217,11 @@ def main(argv=None) -> None:
     zero_init(unet)
     model = torch.nn.ModuleDict({"unet": unet, "text": text}).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    codec = build_vae(OmegaConf.to_container(cfg.model.vae)).to(device)
+    if cfg.model.vae.type == "autoencoder_kl":
+        codec = train_vae(cfg, args, device)
+    else:
+        codec = build_vae(OmegaConf.to_container(cfg.model.vae)).to(device)
+    shared = codec.factor**2 if isinstance(codec, PixelShuffleCodec) else 1
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     alphas = alphas_cumprod(cfg.model.schedule.num_train_timesteps, cfg.model.schedule.linear_start, cfg.model.schedule.linear_end)
     alphas = alphas.float().to(device)
@@ -231,7 +244,7 @@ def main(argv=None) -> None:
         x0, captions = batch(cfg, codec, step, args, device)
         t = timesteps(cfg, step, args, x0.shape[0], x0.shape[2], device)
         g = torch.Generator(device=device).manual_seed(args.seed * 7919 + step)
-        eps = training_noise(x0.shape, args, g, device)
+        eps = training_noise(x0.shape, args, g, device, shared)
         a = alphas[t][:, None, :, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         loss = F.mse_loss(unet(xt, t, text(captions), cfg.video.fps), eps)
@@ -256,7 +269,7 @@ def main(argv=None) -> None:
             buf = io.BytesIO()
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "smooth": smooth}, buf)
             atomic_write(state_path, buf.getvalue())
-            export(Path(args.out), ema.state_dict(), cfg, step, smooth)
+            export(Path(args.out), ema.state_dict(), codec, cfg, step, smooth)
     print(f"done: {step} steps, smoothed loss {smooth:.4f}, weights in {args.out}", flush=True)
 
 
