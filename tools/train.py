@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train_vae import add_args as add_vae_args  # noqa: E402
-from train_vae import train_vae  # noqa: E402
+from train_vae import optimizer_step, train_vae  # noqa: E402
 
 from fifo_stream import world  # noqa: E402
 from fifo_stream.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, save_safetensors  # noqa: E402
@@ -248,12 +248,7 @@ def main(argv=None) -> None:
         a = alphas[t][:, None, :, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         loss = F.mse_loss(unet(xt, t, text(captions), cfg.video.fps), eps)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, lr_at(step, args))
         decay = min(args.ema, (1 + step) / (10 + step))  # short memory early on, so the EMA forgets the init
         with torch.no_grad():
             for e, p in zip(ema.parameters(), model.parameters()):

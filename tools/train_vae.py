@@ -53,6 +53,16 @@ def frames(cfg, step: int, args) -> torch.Tensor:
     return F.avg_pool2d(x, cfg.model.vae.upscale)
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    """One step at learning rate ``lr``, gradients clipped to norm 1."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], 1.0)
+    opt.step()
+
+
 def lr_at(step: int, args) -> float:
     warm = min(1.0, (step + 1) / 50)
     return args.vae_lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
@@ -80,12 +90,7 @@ def train_vae(cfg, args, device: torch.device):
         rec = vae.decode(z).sample
         mse = F.mse_loss(rec, x)
         loss = mse + (rec - x).abs().mean() + args.vae_kl * posterior.kl().mean() / z[0].numel()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, lr_at(step, args))
         step += 1
         smooth = mse.item() if smooth is None else 0.98 * smooth + 0.02 * mse.item()
         if step % 50 == 0 or step == args.vae_steps:
