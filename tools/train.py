@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
     p.add_argument("--fifo-fraction", type=float, default=0.5, help="fraction of batches with FIFO per-frame timesteps")
     p.add_argument("--focus", type=float, default=0.75, help="fraction of one-timestep batches drawn from the sampler's FIFO levels")
-    p.add_argument("--offset-noise", type=float, default=0.3, help="weight of a per-clip, per-color constant added to the noise")
+    p.add_argument("--offset-noise", type=float, default=0.3, help="weight of a per-clip constant, one per color (pixel_shuffle) or latent channel, added to the noise")
     p.add_argument("--coarse-noise", type=float, default=0.2, help="weight of a per-clip 4x4 noise field, upsampled, added to the noise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
