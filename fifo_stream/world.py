@@ -97,7 +97,10 @@ def random_scene(size: int, seed: int, two_objects: float = 0.25) -> Scene:
 
 
 def _random_object(rng: np.random.Generator, size: int, color: str, shape: str, direction: str | None) -> WorldObject:
-    radius = rng.uniform(0.12, 0.19) * size
+    # 34-44% of the frame across: large enough for a shape to span several cells of a small
+    # model's 4x-downsampled latents, small enough that every row stays mostly background
+    # (classify_frame takes each row's median as the background).
+    radius = rng.uniform(0.17, 0.22) * size
     position = tuple(rng.uniform(radius, size - radius, 2))
     speed = rng.uniform(0.015, 0.045) * size
     if direction is None:
