@@ -43,12 +43,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def frames(cfg, step: int, args) -> torch.Tensor:
     """The training frames of step ``step`` (vae_batch, 3, H/upscale, W/upscale) in [-1, 1]: pairs from random clips."""
-    f = cfg.model.unet.temporal_length
+    f, size = cfg.model.unet.temporal_length, cfg.video.height
     rng = np.random.default_rng([args.seed, 1, step])
     out = []
-    for _ in range(args.vae_batch // 2):
-        video, _ = world.sample_clip(int(rng.integers(2**62)), cfg.video.height, f)
-        out += [video[0], video[int(rng.integers(1, f))]]
+    for _ in range(args.vae_batch // 2):  # frame 0 and a later frame of a training clip (world.sample_clip's scene)
+        scene = world.random_scene(size, int(rng.integers(2**62)))
+        out += [world.render(scene, size, 1)[0], world.render(scene, size, 1, start=int(rng.integers(1, f)))[0]]
     x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return F.avg_pool2d(x, cfg.model.vae.upscale)
 
