@@ -56,15 +56,15 @@ def test_short_clip_steps_spend_the_same_frames_on_more_scenes():
     codec = train.build_vae(dict(cfg.model.vae))
     args = train.parse_args([])
     shapes = [train.clip_shape(cfg, step, args) for step in range(64)]
-    assert set(shapes) == {(4, 8), (16, 2)}
-    assert 16 <= shapes.count((16, 2)) <= 48
+    assert set(shapes) == {(4, 8), (32, 1)}
+    assert 16 <= shapes.count((32, 1)) <= 48
     assert {train.clip_shape(cfg, step, train.parse_args(["--short-fraction", "0"])) for step in range(64)} == {(4, 8)}
-    step = shapes.index((16, 2))
+    step = shapes.index((32, 1))
     x0, captions = train.batch(cfg, codec, step, args, "cpu")
-    assert x0.shape == (16, 4, 2, 8, 8) and len(captions) == 16
-    assert len({tuple(x0[i].flatten().tolist()) for i in range(16)}) == 16  # sixteen different scenes
-    t = train.timesteps(cfg, step, args, 16, 2, "cpu")
-    assert t.shape == (16, 2)
+    assert x0.shape == (32, 4, 1, 8, 8) and len(captions) == 32
+    assert len({tuple(x0[i].flatten().tolist()) for i in range(32)}) == 32  # 32 different scenes
+    t = train.timesteps(cfg, step, args, 32, 1, "cpu")
+    assert t.shape == (32, 1)
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):

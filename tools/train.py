@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log", default="runs/train/log.jsonl")
     p.add_argument("--steps", type=int, default=10400)
     p.add_argument("--batch", type=int, default=4, help="clips of the model's full length per step")
-    p.add_argument("--short-frames", type=int, default=2, help="frames per clip in short-clip steps")
+    p.add_argument("--short-frames", type=int, default=1, help="frames per clip in short-clip steps (1: image steps, as VideoCrafter2 trains jointly on images)")
     p.add_argument("--short-fraction", type=float, default=0.5, help="fraction of steps on short clips (same frames per step, more scenes)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=100)
