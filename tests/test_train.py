@@ -67,6 +67,12 @@ def test_short_clip_steps_spend_the_same_frames_on_more_scenes():
     assert t.shape == (32, 1)
 
 
+def test_a_short_clip_length_outside_the_model_window_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--short-frames must be between 1 and the model's 8 frames"):
+        train.main(["--short-frames", "9", "--state", str(tmp_path / "state.pt"), "--vae-state", str(tmp_path / "vae.pt")])
+    assert not (tmp_path / "vae.pt").exists()  # refused before any training
+
+
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     def run(name, steps):
         train.main(["--steps", str(steps), "--batch", "1", "--save-every", "1", "--offset-noise", "0.5",

@@ -212,6 +212,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     cfg = load_config(args.config)
+    if not 1 <= args.short_frames <= cfg.model.unet.temporal_length:
+        raise SystemExit(f"--short-frames must be between 1 and the model's {cfg.model.unet.temporal_length} frames (it is {args.short_frames})")
     torch.manual_seed(args.seed)
     unet, text = build(cfg)
     zero_init(unet)
