@@ -143,10 +143,8 @@ def load_model(cfg: DictConfig, checkpoint: str | Path | None = None, trust: boo
         load_vae_weights(vae, extract(state, VAE_PREFIX))
         load_weights(tower, extract(state, TEXT_PREFIX), "text encoder")
         del state
-    # diffusers warns on every dtype cast of its models, so cast only when needed.
-    vae.to(device)
-    if vae.dtype != dtype:
-        vae.to(dtype)
+    # Cast as a plain module: diffusers' own .to() warns on every dtype cast, even with no fp32 modules.
+    torch.nn.Module.to(vae, device, dtype)
     if cfg.runtime.channels_last:
         to_channels_last(unet)
     sched = m.schedule
