@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import FifoStreamError, PeerExit
+from .outputs.formats import PIPE_FORMATS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--frames", type=int, help="number of frames to emit")
     length.add_argument("--seconds", type=float, default=30.0, help="length in seconds at video.fps (default 30)")
     gen.add_argument("--out", action="append", required=True, help="output: file.mp4|.mkv|.webm, '-' (stdout), rtmp://..., or dir/ for PNGs; repeatable")
-    gen.add_argument("--pipe-format", choices=["matroska", "nut", "mpegts", "rawvideo"], default="matroska", help="container for --out - (default matroska)")
+    gen.add_argument("--pipe-format", choices=list(PIPE_FORMATS), default="matroska", help="container for --out - (default matroska)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--run-dir", default=None, help="where checkpoints and segments go (default: runs/DATE-TIME-PROMPT)")
     gen.add_argument("--checkpoint-every", type=int, default=100, metavar="K", help="checkpoint every K frames (default 100)")
@@ -64,9 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_convert(args) -> None:
-    import torch
-
-    from .checkpoint import read_metadata, read_state_dict, save_safetensors
+    from .models.checkpoint import read_metadata, read_state_dict, save_safetensors
+    from .models.loading import DTYPES
 
     src, dst = Path(args.input), Path(args.output)
     if dst.suffix != ".safetensors":
@@ -76,17 +76,17 @@ def cmd_convert(args) -> None:
     if not dst.parent.is_dir():
         raise FifoStreamError(f"output directory {dst.parent} does not exist")
     state = read_state_dict(src, trust=args.trust_checkpoint)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
+    dtype = DTYPES.get(args.dtype)
     save_safetensors(state, dst, dtype, read_metadata(src))
     print(f"wrote {len(state)} tensors to {dst}", file=sys.stderr)
 
 
 def _weights_path(cfg, ckpt: str | None) -> Path | None:
-    from .model import resolve_checkpoint
+    from .models.checkpoint import find_checkpoint
 
     if ckpt is None and cfg.model.weights == "random":
         return None
-    return resolve_checkpoint(ckpt or cfg.model.checkpoint)
+    return find_checkpoint(ckpt or cfg.model.checkpoint)
 
 
 def _progress(quiet: bool) -> bool:
@@ -98,14 +98,15 @@ def cmd_generate(args) -> None:
 
     from omegaconf import OmegaConf
 
-    from . import distributed
+    from .runs import distributed
     from .config import default_config, load_config
-    from .model import load_model
+    from .models.loading import load_model
     from .pipeline import check_world_size
-    from .refbank import select_layers
-    from .run import RUN_FILE, RunDir, RunError, RunSpec, execute, fingerprint
-    from .sinks import validate_target
-    from .storyboard import Storyboard
+    from .consistency.refbank import select_layers
+    from .runs.loop import execute
+    from .runs.rundir import RUN_FILE, RunDir, RunError, RunSpec, fingerprint
+    from .outputs.targets import validate_target
+    from .consistency.storyboard import Storyboard
 
     cfg = load_config(args.config or default_config(), args.overrides)
     frames = args.frames if args.frames is not None else round(args.seconds * cfg.video.fps)
@@ -146,10 +147,11 @@ def cmd_generate(args) -> None:
 
 
 def cmd_resume(args) -> None:
-    from . import distributed
+    from .runs import distributed
     from .config import load_config
-    from .model import load_model
-    from .run import CONFIG, RunDir, RunError, execute, fingerprint
+    from .models.loading import load_model
+    from .runs.loop import execute
+    from .runs.rundir import CONFIG, RunDir, RunError, fingerprint
 
     def open_run():
         run = RunDir.open(args.run_dir)
@@ -169,7 +171,7 @@ def cmd_resume(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .run import STATE, RunDir
+    from .runs.rundir import STATE, RunDir
 
     run = RunDir.open(args.run_dir)
     spec, manifest, cfg = run.spec, run.manifest, run.config
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.command in ("generate", "resume"):
-            from .distributed import job
+            from .runs.distributed import job
 
             with job():  # one process of a torchrun job, or the only one
                 {"generate": cmd_generate, "resume": cmd_resume}[args.command](args)

@@ -21,17 +21,27 @@ def fsync(path: str | os.PathLike, directory: bool = False) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, before_rename=None) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new content.
+def durable_replace(tmp: str | os.PathLike, path: str | os.PathLike, before_rename=None) -> None:
+    """Move the finished file ``tmp`` to ``path`` so that a crash leaves either the old or the new file.
 
-    ``before_rename`` is called once the new content is durable but not yet in place.
+    ``tmp`` is flushed to stable storage, renamed over ``path``, and the directory entry
+    flushed. ``before_rename`` is called once the new content is durable but not yet in place.
     """
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    fsync(tmp)
     if before_rename:
         before_rename()
     os.replace(tmp, path)
-    fsync(path.parent, directory=True)
+    fsync(Path(path).parent, directory=True)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, before_rename=None, *, tmp: str | os.PathLike | None = None) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new content.
+
+    The data goes first to ``tmp`` (by default ``path`` + ``.tmp``), then :func:`durable_replace`
+    moves it into place; ``before_rename`` is called once the new content is durable but not yet in place.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp") if tmp is None else tmp
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    durable_replace(tmp, path, before_rename)

@@ -11,15 +11,15 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from . import distributed
+from .consistency.qcache import QCache
+from .consistency.refbank import RefBank
+from .consistency.storyboard import Storyboard
 from .errors import FifoStreamError
-from .fifo import FifoEngine, FifoSettings
-from .model import DTYPES, VideoModel, compile_unet
-from .noise import make_noise
-from .qcache import QCache
-from .refbank import RefBank
-from .sampling import sample_ddim
-from .storyboard import Storyboard
+from .models.loading import DTYPES, VideoModel, compile_unet
+from .runs import distributed
+from .sampling.ddim import sample_ddim
+from .sampling.fifo import FifoEngine, FifoSettings
+from .sampling.tail_noise import make_noise
 
 
 def fifo_settings(cfg: DictConfig, model: VideoModel) -> FifoSettings:
@@ -28,11 +28,11 @@ def fifo_settings(cfg: DictConfig, model: VideoModel) -> FifoSettings:
         frames=model.frames_per_window,
         partitions=s.partitions,
         lookahead=s.lookahead,
-        guidance_scale=float(s.guidance_scale),
-        eta=float(s.eta),
+        guidance_scale=s.guidance_scale,
+        eta=s.eta,
         fps=cfg.video.fps,
-        use_scale=bool(cfg.model.schedule.use_scale),
-        clip_x0=None if s.clip_x0 is None else float(s.clip_x0),
+        use_scale=cfg.model.schedule.use_scale,
+        clip_x0=s.clip_x0,
     )
 
 
@@ -74,12 +74,12 @@ class FrameStream:
         self.uncond = model.encode_text([cfg.sampling.negative_prompt])
         self.skip = settings.warmup_frames if cfg.sampling.discard_warmup else 0
         check_world_size(cfg)
-        r = cfg.consistency.refbank
-        self.refbank = (
-            RefBank(model.unet, settings.steps, r.layers, r.mode, float(r.weight), float(r.momentum), self.skip + r.reference, DTYPES[r.dtype])
-            if r.enabled
-            else None
-        )
+        self.refbank = self.qcache = None
+        try:
+            self._install_controls()
+        except BaseException:
+            self.close()
+            raise
         self.engine = FifoEngine(
             model.unet, model.alphas, settings,
             make_noise(
@@ -90,12 +90,15 @@ class FrameStream:
             forward=compile_unet(model.unet, cfg.runtime.cuda_graphs) if cfg.runtime.compile else None,
         )
         self.emitted = 0
-        q = cfg.consistency.qcache
-        self.qcache = (
-            QCache(model.unet, None if q.pairs is None else dict(q.pairs), q.strength, q.strength_min, len(model.alphas))
-            if q.enabled
-            else None
-        )
+
+    def _install_controls(self) -> None:
+        """Put the enabled consistency controls on the model's U-Net."""
+        r, q, unet = self.cfg.consistency.refbank, self.cfg.consistency.qcache, self.model.unet
+        if r.enabled:
+            reference_tick = self.skip + r.reference
+            self.refbank = RefBank(unet, self.settings.steps, r.layers, r.mode, r.weight, r.momentum, reference_tick, DTYPES[r.dtype])
+        if q.enabled:
+            self.qcache = QCache(unet, None if q.pairs is None else dict(q.pairs), q.strength, q.strength_min, len(self.model.alphas))
 
     def close(self) -> None:
         """Uninstall the consistency controls from the (shared) model."""
@@ -111,7 +114,7 @@ class FrameStream:
         b, c, h, w = self.latent_shape
         g = torch.Generator(device=self.model.device).manual_seed(self.seed)
         noise = torch.randn((b, c, self.settings.frames, h, w), generator=g, device=self.model.device)
-        unet = lambda x, t, ctx: self.model.unet(x, t, ctx, self.settings.fps)  # noqa: E731
+        unet = lambda x, t, ctx, kwargs: self.model.unet(x, t, ctx, self.settings.fps, kwargs)  # noqa: E731
         clip = sample_ddim(
             unet, noise, self.cond, self.uncond, self.model.alphas, self.settings.steps,
             self.settings.guidance_scale, self.settings.eta, g, self.model.scales, self.settings.clip_x0,

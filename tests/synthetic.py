@@ -3,9 +3,28 @@
 import torch
 
 from conftest import load_fixture
-from fifo_stream.checkpoint import TEXT_PREFIX, UNET_PREFIX
 from fifo_stream.config import load_config
-from fifo_stream.model import load_model
+from fifo_stream.models.checkpoint import TEXT_PREFIX, UNET_PREFIX, extract, load_weights, read_state_dict
+from fifo_stream.models.loading import load_model
+from fifo_stream.models.unet import UNet3D
+
+
+FULL_SIZE = dict(
+    in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1], num_res_blocks=2,
+    channel_mult=[1, 2, 4, 4], num_head_channels=64, transformer_depth=1, context_dim=1024, use_linear=True,
+    use_checkpoint=True, temporal_conv=True, temporal_attention=True, temporal_selfatt_only=True,
+    use_relative_position=False, use_causal_attention=False, temporal_length=16, addition_attention=True,
+    fps_cond=True,
+)
+
+
+def fixture_unet(tmp_path):
+    fx = load_fixture("videocrafter_unet_oracle.pt")
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": fx["state_dict"]}, path)
+    unet = UNet3D(**fx["config"]).eval()
+    load_weights(unet, extract(read_state_dict(path), UNET_PREFIX), "U-Net")
+    return unet, fx
 
 
 def synthetic_state_dict() -> dict[str, torch.Tensor]:

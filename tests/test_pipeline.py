@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fifo_stream.config import load_config
-from fifo_stream.model import load_model
+from fifo_stream.models.loading import load_model
 from fifo_stream.pipeline import FrameStream, generate
 
 

@@ -31,11 +31,11 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fifo_stream import distributed  # noqa: E402
+from fifo_stream.runs import distributed  # noqa: E402
 from fifo_stream.config import load_config  # noqa: E402
-from fifo_stream.model import load_model  # noqa: E402
+from fifo_stream.models.loading import load_model  # noqa: E402
 from fifo_stream.pipeline import Decoder, FrameStream  # noqa: E402
-from fifo_stream.storyboard import Storyboard  # noqa: E402
+from fifo_stream.consistency.storyboard import Storyboard  # noqa: E402
 
 PROMPT = "a red circle moves left on a blue background"
 # The reference's way of running: one window at a time, separate guidance calls, float32, eager.

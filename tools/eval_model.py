@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_consistency  # noqa: E402
 from fifo_stream import world  # noqa: E402
 from fifo_stream.config import load_config  # noqa: E402
-from fifo_stream.model import load_model  # noqa: E402
+from fifo_stream.models.loading import load_model  # noqa: E402
 from fifo_stream.pipeline import generate  # noqa: E402
-from fifo_stream.sinks import FileSink  # noqa: E402
+from fifo_stream.outputs.file import FileSink  # noqa: E402
 
 METRICS = ("prompt_accuracy", "color_accuracy", "shape_accuracy", "identity_retention", "longest_identity_loss", "flicker")
 

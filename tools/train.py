@@ -1,6 +1,6 @@
 """Train the embedded model (configs/tiny.yaml) on the procedural shapes world.
 
-    python tools/train.py --threads 2 --out models/tiny-shapes.safetensors
+    python tools/train.py --threads 2 --out fifo_stream/assets/tiny-shapes.safetensors
 
 eps prediction on the model's (VideoCrafter) noise schedule, classifier-free guidance
 dropout, AdamW with warm-up and cosine decay, and an EMA of the weights (the EMA is
@@ -39,21 +39,21 @@ from train_vae import add_args as add_vae_args  # noqa: E402
 from train_vae import optimizer_step, train_vae  # noqa: E402
 
 from fifo_stream import world  # noqa: E402
-from fifo_stream.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, save_safetensors  # noqa: E402
+from fifo_stream.models.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, save_safetensors  # noqa: E402
 from fifo_stream.config import load_config  # noqa: E402
 from fifo_stream.durable import atomic_write  # noqa: E402
-from fifo_stream.model import TOKENIZER_KEY, VOCAB_KEY  # noqa: E402
-from fifo_stream.schedule import alphas_cumprod, fifo_timesteps  # noqa: E402
-from fifo_stream.text_encoder import OpenCLIPTextTower, TextEncoder  # noqa: E402
-from fifo_stream.tokenizer import WordTokenizer  # noqa: E402
-from fifo_stream.unet import UNet3D  # noqa: E402
-from fifo_stream.vae import PixelShuffleCodec, build_vae, encode_frames, ldm_vae_state_dict  # noqa: E402
+from fifo_stream.models.loading import TOKENIZER_KEY, VOCAB_KEY  # noqa: E402
+from fifo_stream.sampling.schedule import alphas_cumprod, fifo_timesteps  # noqa: E402
+from fifo_stream.models.text_encoder import OpenCLIPTextTower, TextEncoder  # noqa: E402
+from fifo_stream.models.tokenizer import WordTokenizer  # noqa: E402
+from fifo_stream.models.unet import UNet3D  # noqa: E402
+from fifo_stream.models.vae import PixelShuffleCodec, build_vae, encode_frames, ldm_vae_state_dict  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tiny")
-    p.add_argument("--out", default="models/tiny-shapes.safetensors")
+    p.add_argument("--out", default="fifo_stream/assets/tiny-shapes.safetensors")
     p.add_argument("--state", default="runs/train/state.pt", help="resumable training state")
     p.add_argument("--log", default="runs/train/log.jsonl")
     p.add_argument("--steps", type=int, default=10400)
@@ -91,7 +91,7 @@ def zero_init(unet: UNet3D) -> None:
 
     Each block then starts as the identity, which makes a freshly built U-Net train fast.
     """
-    from fifo_stream.unet import ResBlock, TemporalConvBlock
+    from fifo_stream.models.unet_blocks import ResBlock, TemporalConvBlock
 
     last = [unet.out[-1]]
     for name, module in unet.named_modules():

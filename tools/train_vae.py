@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fifo_stream import world  # noqa: E402
 from fifo_stream.config import load_config  # noqa: E402
 from fifo_stream.durable import atomic_write  # noqa: E402
-from fifo_stream.vae import build_vae, encode_frames  # noqa: E402
+from fifo_stream.models.vae import build_vae, encode_frames  # noqa: E402
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

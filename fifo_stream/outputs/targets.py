@@ -1,0 +1,65 @@
+"""Output targets as the user names them: "-", an rtmp(s):// URL, a directory/ or a video file."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from pathlib import Path
+
+from .base import Sink, SinkError
+from .file import FileSink, check_file_target
+from .formats import find_file_format
+from .pipe import PipeSink
+from .png import PngSink
+from .rtmp import RTMPSink
+
+
+def target_kind(target: str) -> str:
+    """What an output target names: "pipe" ("-"), "rtmp" (URL), "png" (directory) or "file"."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", target)
+    if target == "-":
+        return "pipe"
+    if scheme:
+        if scheme.group(1).lower() not in ("rtmp", "rtmps"):
+            raise SinkError(f"unsupported output URL scheme {scheme.group(1)}://; use rtmp:// or rtmps://, a file path, a directory/ or '-'")
+        return "rtmp"
+    path = Path(target)
+    if target.endswith(("/", os.sep)) or (path.is_dir() and find_file_format(path.suffix) is None):
+        return "png"
+    return "file"
+
+
+def validate_target(target: str) -> str:
+    """Check an output target without opening it (nothing is created); returns its kind."""
+    kind = target_kind(target)
+    if kind not in ("file", "png"):
+        return kind
+    path = Path(target)
+    if kind == "file":
+        check_file_target(path, path.suffix, target)
+    existing = (path if kind == "png" else path.parent).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SinkError(f"cannot write output {target}: {existing} is not a writable directory; choose a writable location")
+    return kind
+
+
+def open_sink(target: str, width: int, height: int, fps: float, **options) -> Sink:
+    """Open the sink a target names: "-" (stdout), rtmp(s):// URL, directory/ (PNG frames), or a video file.
+
+    ``options`` go to the sink's constructor; one that the sink does not take is a ``SinkError``.
+    """
+    kind = target_kind(target)
+    cls, args = {
+        "pipe": (PipeSink, (width, height, fps)),
+        "rtmp": (RTMPSink, (target, width, height, fps)),
+        "png": (PngSink, (target, width, height)),
+        "file": (FileSink, (target, width, height, fps)),
+    }[kind]
+    try:
+        inspect.signature(cls).bind(*args, **options)
+    except TypeError as e:
+        raise SinkError(f"option not valid for {cls.__name__} output {target!r} ({e})") from None
+    return cls(*args, **options)

@@ -1,0 +1,138 @@
+"""A run directory on disk: what to generate, the resolved config, the manifest and the engine checkpoint.
+
+A run directory holds ``run.json`` (what to generate), ``config.yaml`` (the resolved
+config), ``manifest.json`` (frames written, each frame's SHA-256, finished segments)
+and ``state.pt`` (the engine checkpoint, with a SHA-256 trailer). File outputs are
+written as segments in ``segments/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..consistency.storyboard import Storyboard
+from ..durable import atomic_write
+from ..errors import FifoStreamError
+
+RUN_FILE, MANIFEST, STATE, CONFIG, SEGMENTS = "run.json", "manifest.json", "state.pt", "config.yaml", "segments"
+
+
+class RunError(FifoStreamError):
+    pass
+
+
+@dataclass
+class RunSpec:
+    prompt: str  # the first (or only) prompt
+    frames: int
+    outputs: list[str]
+    seed: int = 0
+    checkpoint_every: int = 100
+    checkpoint: str | None = None  # model checkpoint path (None: the config's)
+    pipe_format: str = "matroska"
+    storyboard: list[dict] | None = None  # [{frame, prompt}, ...] (None: ``prompt`` for the whole run)
+
+    def schedule(self, transition: int) -> Storyboard:
+        return Storyboard.parse(self.storyboard or [self.prompt], transition)
+
+
+def fingerprint(cfg: DictConfig, checkpoint: str | os.PathLike | None) -> str:
+    """Identity of everything that determines the frames: the config (less ``runtime``) and the weights file."""
+    content = OmegaConf.to_container(cfg, resolve=True)
+    content.pop("runtime", None)
+    if checkpoint is not None and Path(checkpoint).is_file():
+        st = Path(checkpoint).stat()
+        content["_weights"] = {"name": Path(checkpoint).name, "size": st.st_size}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RunDir:
+    """A run directory on disk."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.segments = self.path / SEGMENTS
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, spec: RunSpec, cfg: DictConfig) -> RunDir:
+        run = cls(path)
+        if (run.path / RUN_FILE).exists():
+            raise RunError(f"{run.path} already holds a run; continue it with 'fifo-stream resume {run.path}' or choose another --run-dir")
+        if run.path.exists() and not run.path.is_dir():
+            raise RunError(f"run directory {run.path} is a file; choose another --run-dir")
+        try:
+            run.segments.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create run directory {run.path} ({e.strerror}); choose a writable --run-dir") from None
+        atomic_write(run.path / CONFIG, OmegaConf.to_yaml(cfg).encode())
+        run.write_manifest({"frames_written": 0, "frame_sha256": [], "segments": {}, "finished": False})
+        atomic_write(run.path / RUN_FILE, json.dumps(asdict(spec), indent=1).encode())
+        return run
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> RunDir:
+        run = cls(path)
+        if not (run.path / RUN_FILE).is_file():
+            raise RunError(f"{run.path} is not a fifo-stream run directory (no {RUN_FILE}); give the --run-dir of a generate command")
+        return run
+
+    @property
+    def spec(self) -> RunSpec:
+        return RunSpec(**json.loads((self.path / RUN_FILE).read_text()))
+
+    @property
+    def config(self) -> DictConfig:
+        return OmegaConf.load(self.path / CONFIG)
+
+    @property
+    def manifest(self) -> dict:
+        try:
+            return json.loads((self.path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            raise RunError(f"{self.path / MANIFEST} is missing or damaged; the run cannot be resumed") from None
+
+    def write_manifest(self, manifest: dict, before_rename=None) -> None:
+        atomic_write(self.path / MANIFEST, json.dumps(manifest).encode(), before_rename)
+
+    def save_state(self, state: dict, before_rename=None) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        body = buf.getvalue()
+        atomic_write(self.path / STATE, body + hashlib.sha256(body).digest(), before_rename)
+
+    def load_state(self) -> dict | None:
+        path = self.path / STATE
+        if not path.exists():
+            return None
+        data = path.read_bytes()
+        body, digest = data[:-32], data[-32:]
+        if len(data) < 32 or hashlib.sha256(body).digest() != digest:
+            raise RunError(f"engine checkpoint {path} is corrupt (checksum mismatch); delete it to restart the run from its beginning")
+        return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+
+
+def discard_after(run: RunDir, manifest: dict, done: int) -> dict:
+    """Keep the manifest's first ``done`` frames and the segments within them; delete every other file."""
+    manifest = {**manifest, "frame_sha256": manifest["frame_sha256"][:done], "frames_written": done, "finished": False}
+    kept: dict[str, list] = {}
+    for key, segments in manifest["segments"].items():
+        total, kept[key] = 0, []
+        for seg in segments:
+            if total + seg["frames"] > done:
+                break
+            total += seg["frames"]
+            kept[key].append(seg)
+    manifest["segments"] = kept
+    listed = {s["file"] for segs in kept.values() for s in segs}
+    for path in run.segments.iterdir():
+        if path.name not in listed:
+            path.unlink()
+    return manifest

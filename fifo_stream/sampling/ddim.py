@@ -1,0 +1,97 @@
+"""Small pure sampling functions: guided noise prediction, the DDIM update, plain DDIM."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..models.attention import rows_of
+from .schedule import ddim_timesteps, step_values
+
+# unet(x, timesteps, context, attention_kwargs) -> eps
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "dict[str, Any] | None"], torch.Tensor]
+
+
+def guided_eps(
+    unet: UNetFn,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    scale: float,
+    max_batch: int | None = None,
+    attention_kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Classifier-free guidance eps_u + s (eps_c - eps_u) with both branches in one batch.
+
+    ``x`` (B, c, f, h, w), ``timesteps`` (B, f), contexts (B, n, d) or (B, f, n, d).
+    ``max_batch`` caps the samples per U-Net call (the 2B rows are split into chunks).
+    ``attention_kwargs`` describe the 2B rows, conditional first (see :func:`rows_of`).
+    """
+    B = x.shape[0]
+    xs, ts, cs = torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([cond, uncond])
+    step = max_batch or 2 * B
+    chunks = [slice(i, i + step) for i in range(0, 2 * B, step)]
+    eps = torch.cat([unet(xs[c], ts[c], cs[c], rows_of(attention_kwargs, c)) for c in chunks])
+    eps_c, eps_u = eps[:B], eps[B:]
+    return eps_u + scale * (eps_c - eps_u)
+
+
+def ddim_step(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    a_t: torch.Tensor,
+    a_prev: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    scale_t: torch.Tensor | float = 1.0,
+    scale_prev: torch.Tensor | float = 1.0,
+    clip_x0: float | None = None,
+) -> torch.Tensor:
+    """One DDIM update x_t -> x_prev; ``a_t``/``a_prev`` broadcast against ``x`` (per slot or scalar).
+
+    ``scale_t``/``scale_prev`` are VideoCrafter2's optional ``use_scale`` factors (1 = off).
+    ``clip_x0`` clamps the predicted clean sample to [-clip_x0, clip_x0] and re-derives eps
+    from it (DDPM's ``clip_denoised``, for pixel-space models whose data is bounded).
+    """
+    pred_x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt() / scale_t
+    if clip_x0 is not None:
+        pred_x0 = pred_x0.clamp(-clip_x0, clip_x0)
+        eps = (x - a_t.sqrt() * scale_t * pred_x0) / (1 - a_t).sqrt()
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    x_prev = a_prev.sqrt() * scale_prev * pred_x0 + (1 - a_prev - sigma**2).sqrt() * eps
+    if eta > 0:
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+@torch.no_grad()
+def sample_ddim(
+    unet: UNetFn,
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    alphas: torch.Tensor,
+    steps: int,
+    scale: float,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    scales: torch.Tensor | None = None,
+    clip_x0: float | None = None,
+) -> torch.Tensor:
+    """Plain guided DDIM from ``noise`` (b, c, f, h, w) over VideoCrafter's uniform timesteps.
+
+    ``scales`` is the optional ``use_scale`` array indexed by timestep; ``clip_x0`` as in :func:`ddim_step`.
+    """
+    ts = ddim_timesteps(steps, len(alphas))
+    a_t, a_prev = (v.float() for v in step_values(alphas, ts))
+    s_t, s_prev = (v.float() for v in step_values(scales, ts)) if scales is not None else (torch.ones(len(ts)),) * 2
+    x = noise
+    b, f = x.shape[0], x.shape[2]
+    for i in reversed(range(len(ts))):
+        t = torch.full((b, f), int(ts[i]), device=x.device)
+        eps = guided_eps(unet, x, t, cond, uncond, scale)
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
+        x = ddim_step(x, eps, a_t[i].to(x), a_prev[i].to(x), eta, z, s_t[i].to(x), s_prev[i].to(x), clip_x0)
+    return x

@@ -1,0 +1,28 @@
+"""A procedural video world: colored shapes moving and bouncing over simple backgrounds.
+
+Every clip is a pure function of its seed, so the world is an unlimited, exactly
+reproducible dataset (the embedded model is trained on it) and a ground truth for
+measuring consistency (``tools/eval_consistency.py``). Captions follow a small grammar:
+``"a red circle moves left on a black background"``, or for two objects
+``"a red circle and a blue square move on a gray background"``.
+"""
+
+from .reader import classify_frame
+from .scenes import (
+    SHAPES,
+    COLORS,
+    BACKGROUNDS,
+    DIRECTIONS,
+    VOCAB,
+    WorldObject,
+    Scene,
+    caption,
+    parse_caption,
+    scene_from_caption,
+    random_scene,
+    positions,
+    background_image,
+    shape_mask,
+    render,
+    sample_clip,
+)

@@ -1,0 +1,148 @@
+"""The world's scenes: the palette, the caption grammar, random and captioned scenes, and rendering."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {
+    "red": (230, 40, 40),
+    "yellow": (235, 215, 40),
+    "green": (40, 190, 60),
+    "cyan": (40, 210, 225),
+    "blue": (50, 80, 235),
+    "magenta": (215, 50, 210),
+}
+BACKGROUNDS = {  # top and bottom color of a vertical gradient
+    "black": ((15, 15, 15), (15, 15, 15)),
+    "gray": ((120, 120, 120), (120, 120, 120)),
+    "white": ((240, 240, 240), (240, 240, 240)),
+    "gradient": ((30, 30, 90), (130, 130, 170)),
+}
+DIRECTIONS = ("left", "right", "up", "down")
+VOCAB = ("a", "and", "moves", "move", "on", "background", *SHAPES, *COLORS, *BACKGROUNDS, *DIRECTIONS)
+
+
+@dataclass(frozen=True)
+class WorldObject:
+    shape: str
+    color: str
+    radius: float  # half the side of the bounding box, in pixels
+    position: tuple[float, float]  # center (x, y) in frame 0
+    velocity: tuple[float, float]  # pixels per frame
+
+    @property
+    def direction(self) -> str:
+        vx, vy = self.velocity
+        if abs(vx) >= abs(vy):
+            return "left" if vx < 0 else "right"
+        return "up" if vy < 0 else "down"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[WorldObject, ...]
+    background: str
+
+    @property
+    def caption(self) -> str:
+        return caption(self.objects, self.background)
+
+
+def caption(objects, background: str) -> str:
+    if len(objects) == 1:
+        o = objects[0]
+        return f"a {o.color} {o.shape} moves {o.direction} on a {background} background"
+    names = " and ".join(f"a {o.color} {o.shape}" for o in objects)
+    return f"{names} move on a {background} background"
+
+
+def parse_caption(text: str) -> tuple[list[tuple[str, str]], str | None, str | None]:
+    """(color, shape) pairs, background and direction named in a caption (None where absent)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    pairs = [(a, b) for a, b in zip(words, words[1:]) if a in COLORS and b in SHAPES]
+    background = next((w for w, nxt in zip(words, words[1:]) if w in BACKGROUNDS and nxt == "background"), None)
+    direction = next((w for w in words if w in DIRECTIONS), None)
+    return pairs, background, direction
+
+
+def scene_from_caption(text: str, size: int, seed: int) -> Scene:
+    """A random scene that matches ``text`` (its objects, background and direction)."""
+    pairs, background, direction = parse_caption(text)
+    if not pairs:
+        raise ValueError(f"caption {text!r} names no '<color> <shape>'; colors: {', '.join(COLORS)}; shapes: {', '.join(SHAPES)}")
+    rng = np.random.default_rng(seed)
+    bg = background or str(rng.choice(list(BACKGROUNDS)))
+    objects = tuple(_random_object(rng, size, color, shape, direction if len(pairs) == 1 else None) for color, shape in pairs)
+    return Scene(objects, bg)
+
+
+def random_scene(size: int, seed: int, two_objects: float = 0.25) -> Scene:
+    """A random scene: one object, or two with probability ``two_objects``."""
+    rng = np.random.default_rng(seed)
+    count = 2 if rng.random() < two_objects else 1
+    colors = rng.choice(list(COLORS), size=count, replace=False)
+    objects = tuple(_random_object(rng, size, str(c), str(rng.choice(SHAPES)), None) for c in colors)
+    return Scene(objects, str(rng.choice(list(BACKGROUNDS))))
+
+
+def _random_object(rng: np.random.Generator, size: int, color: str, shape: str, direction: str | None) -> WorldObject:
+    # 34-44% of the frame across: large enough for a shape to span several cells of a small
+    # model's 4x-downsampled latents, small enough that every row stays mostly background
+    # (classify_frame takes each row's median as the background).
+    radius = rng.uniform(0.17, 0.22) * size
+    position = tuple(rng.uniform(radius, size - radius, 2))
+    speed = rng.uniform(0.015, 0.045) * size
+    if direction is None:
+        angle = rng.uniform(0, 2 * np.pi)
+    else:  # within 40 degrees of the named direction, so the caption's word stays the dominant one
+        angle = {"right": 0.0, "down": np.pi / 2, "left": np.pi, "up": 3 * np.pi / 2}[direction] + rng.uniform(-0.7, 0.7)
+    return WorldObject(shape, color, float(radius), (float(position[0]), float(position[1])), (float(speed * np.cos(angle)), float(speed * np.sin(angle))))
+
+
+def positions(obj: WorldObject, size: int, frames: int, start: int = 0) -> np.ndarray:
+    """Centers (frames, 2) of ``obj`` from frame ``start``, bouncing off the borders."""
+    t = np.arange(start, start + frames)[:, None]
+    low, span = obj.radius, size - 2 * obj.radius
+    raw = np.asarray(obj.position) - low + t * np.asarray(obj.velocity)
+    folded = np.mod(raw, 2 * span)  # reflect: a triangle wave of period 2 * span
+    return low + np.where(folded > span, 2 * span - folded, folded)
+
+
+def background_image(name: str, size: int) -> np.ndarray:
+    top, bottom = (np.asarray(c, dtype=np.float32) for c in BACKGROUNDS[name])
+    w = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
+    return np.broadcast_to((1 - w) * top + w * bottom, (size, size, 3)).round().astype(np.uint8)
+
+
+def shape_mask(shape: str, center: np.ndarray, radius: float, size: int) -> np.ndarray:
+    """Boolean (size, size) mask of a shape, sampled at pixel centers."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dx, dy = x - center[0], y - center[1]
+    if shape == "circle":
+        return dx * dx + dy * dy <= radius * radius
+    if shape == "square":
+        return (np.abs(dx) <= radius) & (np.abs(dy) <= radius)
+    if shape == "triangle":  # apex up, base at the bottom of the bounding box
+        return (np.abs(dy) <= radius) & (np.abs(dx) <= (dy + radius) / 2)
+    raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
+
+
+def render(scene: Scene, size: int, frames: int, start: int = 0) -> np.ndarray:
+    """Frames ``start .. start + frames - 1`` of ``scene``: uint8 (frames, size, size, 3)."""
+    background = background_image(scene.background, size)
+    video = np.repeat(background[None], frames, axis=0)
+    for obj in scene.objects:
+        color = np.asarray(COLORS[obj.color], dtype=np.uint8)
+        for i, center in enumerate(positions(obj, size, frames, start)):
+            video[i][shape_mask(obj.shape, center, obj.radius, size)] = color
+    return video
+
+
+def sample_clip(seed: int, size: int, frames: int) -> tuple[np.ndarray, str]:
+    """A training example: the first ``frames`` frames of a random scene, and its caption."""
+    scene = random_scene(size, seed)
+    return render(scene, size, frames), scene.caption

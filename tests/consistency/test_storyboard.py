@@ -1,0 +1,127 @@
+"""Storyboard prompts: parsing, transition blending, and each frame's context reaching the U-Net."""
+
+import pytest
+import torch
+
+from fifo_stream.config import load_config
+from fifo_stream.models.loading import load_model
+from fifo_stream.pipeline import FrameStream
+from fifo_stream.consistency.storyboard import Storyboard, StoryboardError
+
+
+def test_parse_forms():
+    board = Storyboard.parse(["santa slides down a chimney", "120: santa eats cookies", {"frame": 240, "prompt": "santa walks out"}], 8)
+    assert board.scenes == ((0, "santa slides down a chimney"), (120, "santa eats cookies"), (240, "santa walks out"))
+    assert board.transition == 8
+    assert Storyboard.parse(["0: 2001: a space odyssey"]).scenes == ((0, "2001: a space odyssey"),)
+    assert Storyboard.parse(["a: b"]).scenes == ((0, "a: b"),)  # not a frame number: part of the prompt
+    assert Storyboard.parse(board.to_json(), 8) == board
+    assert Storyboard.parse(["a", "5: b", "9: a"]).prompts == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "entries, transition, message",
+    [
+        ([], 0, "no prompt given"),
+        (["a", "b"], 0, "needs the frame it starts at"),
+        (["3: a"], 0, "must start at frame 0"),
+        (["a", "10: b", "10: c"], 0, "must increase: 10 follows 10"),
+        (["a", "10: b", "5: c"], 0, "must increase"),
+        (["a", "-4: b"], 0, ">= 0"),
+        (["a", "10:  "], 0, "no prompt text"),
+        (["a", {"frame": 3}], 0, "must be 'N: text'"),
+        (["a", {120: "b"}], 0, "must be 'N: text'"),
+        (["a", "10: b"], 11, "closer than the 11-frame transition"),
+    ],
+)
+def test_bad_storyboards_are_refused(entries, transition, message):
+    with pytest.raises(StoryboardError, match=message):
+        Storyboard.parse(entries, transition)
+
+
+def test_contexts_blend_linearly_over_the_transition():
+    c = torch.randn(3, 4, 2)
+    board = Storyboard.parse(["a", "10: b", "20: c"], transition=3)
+    frames = torch.tensor([-5, 0, 9, 10, 11, 12, 13, 19, 20, 23, 100])
+    out = board.contexts(c, frames)
+    expected = [c[0], c[0], c[0], 0.75 * c[0] + 0.25 * c[1], 0.5 * c[0] + 0.5 * c[1], 0.25 * c[0] + 0.75 * c[1],
+                c[1], c[1], 0.75 * c[1] + 0.25 * c[2], c[2], c[2]]
+    for got, want in zip(out, expected):
+        assert torch.allclose(got, want, atol=1e-6)
+    pure = [0, 1, 6, 7, 9, 10]  # outside transitions: the scene's context exactly
+    assert all(torch.equal(out[i], want) for i, want in zip(pure, [c[0], c[0], c[1], c[1], c[2], c[2]]))
+    no_transition = Storyboard.parse(["a", "10: b"]).contexts(c[:2], torch.tensor([9, 10]))
+    assert torch.equal(no_transition[0], c[0]) and torch.equal(no_transition[1], c[1])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config("tiny-random", ["sampling.partitions=1"])
+    return load_model(cfg)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("overrides", [[], ["sampling.lookahead=false", "sampling.partitions=2"]], ids=["lookahead", "warm-up-discarded"])
+def test_every_frame_is_denoised_with_its_own_context(tiny, overrides):
+    model = tiny
+    cfg = load_config("tiny-random", ["sampling.partitions=1", *overrides])
+    board = Storyboard.parse(["a red circle", "2: a blue square", "4: a green star"], transition=1)
+    stream = FrameStream(model, cfg, board, seed=0)
+    scenes = torch.cat([model.encode_text([p]) for _, p in board.scenes])
+    skip = stream.skip
+    assert skip == (8 if overrides else 0)
+    uncond = model.encode_text([cfg.sampling.negative_prompt])[0]
+
+    def by_hand(e):  # the module docstring's formula
+        j = max(i for i, (start, _) in enumerate(board.scenes) if start <= max(e, 0))
+        if j == 0 or e >= board.scenes[j][0] + board.transition:
+            return scenes[j]
+        w = (e - board.scenes[j][0] + 1) / (board.transition + 1)
+        return (1 - w) * scenes[j - 1] + w * scenes[j]
+
+    seen = []  # per U-Net call during ticks: (tick, input frames, contexts)
+
+    def probe(_module, args):
+        x, _, context = args[0], args[1], args[2]
+        if stream.engine.queue is None:  # the base clip: the first scene's prompt
+            assert torch.equal(context[: x.shape[0] // 2], scenes[:1].expand(x.shape[0] // 2, -1, -1))
+            return
+        assert context.dim() == 4  # one context per frame
+        q, tick = stream.engine.queue, stream.engine.tick
+        for r in range(x.shape[0]):
+            branch_cond = r < x.shape[0] // 2  # guided_eps stacks cond rows first
+            for t in range(x.shape[2]):
+                slot = [i for i in range(q.shape[2]) if torch.equal(q[0, :, i], x[r, :, t])]
+                assert len(slot) == 1
+                if branch_cond:
+                    frame = tick + slot[0] - stream.settings.emit_slot - skip
+                    assert torch.allclose(context[r, t], by_hand(frame), atol=1e-6), (tick, slot, frame)
+                    seen.append((tick, x[r, :, t].clone(), context[r, t].clone()))
+                else:
+                    assert torch.equal(context[r, t], uncond)
+
+    hook = model.unet.register_forward_pre_hook(probe)
+    try:
+        emitted = [stream.next_latent() for _ in range(6)]
+    finally:
+        hook.remove()
+        stream.close()
+    # Independent anchor: the finished latent of emitted frame e is (up to rounding) the U-Net
+    # input of its last, identity step, which must have carried frame e's context.
+    for e, z in enumerate(emitted):
+        last = [ctx for tick, x, ctx in seen if tick == e + skip and torch.allclose(x, z[0], atol=1e-5)]
+        assert last and all(torch.allclose(ctx, by_hand(e), atol=1e-6) for ctx in last), e
+    assert not torch.allclose(by_hand(0), by_hand(2)) and not torch.allclose(by_hand(2), by_hand(3))  # blended, then pure
+
+
+@torch.no_grad()
+def test_frames_before_the_next_scene_match_the_plain_prompt(tiny):
+    cfg = load_config("tiny-random", ["sampling.partitions=1"])
+    plain = FrameStream(tiny, cfg, "a red circle", seed=1)
+    board = FrameStream(tiny, cfg, Storyboard.parse(["a red circle", "50: a blue square"]), seed=1)
+    try:
+        for _ in range(3):
+            assert torch.equal(plain.next_latent(), board.next_latent())
+    finally:
+        plain.close()
+        board.close()

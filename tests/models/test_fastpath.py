@@ -1,0 +1,91 @@
+"""GPU fast-path options: they change how the tick runs, not what it computes."""
+
+
+import pytest
+import torch
+
+from fifo_stream.config import ConfigError, load_config
+from fifo_stream.errors import FifoStreamError
+from fifo_stream.models.loading import compile_unet, load_model
+from fifo_stream.pipeline import FrameStream
+
+TOLERANCE = 1e-5  # max |difference| of emitted latents, relative to their max |value|
+
+
+def latents(overrides, frames=2):
+    cfg = load_config("tiny-random", ["sampling.partitions=1", *overrides])
+    stream = FrameStream(load_model(cfg), cfg, "a red circle", seed=4)
+    try:
+        return torch.stack([stream.next_latent() for _ in range(frames)])
+    finally:
+        stream.close()
+
+
+def assert_close(a, b, tolerance=TOLERANCE):
+    assert (a - b).abs().max() <= tolerance * b.abs().max()
+
+
+def test_channels_last_computes_the_same_latents():
+    model = load_model(load_config("tiny-random", ["runtime.channels_last=true"]))
+    conv = model.unet.input_blocks[0][0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # NHWC convolutions are other kernels, which round differently.
+    assert_close(latents(["runtime.channels_last=true"]), latents([]), tolerance=1e-4)
+
+
+def test_compiled_ticks_compute_the_same_latents(monkeypatch):
+    # Dynamo traces the U-Net, its Q-cache hooks and processors for real; the eager backend
+    # skips inductor's code generation, which takes minutes on a CPU (the GPU test below uses it).
+    calls = []
+    compile_ = torch.compile
+
+    def eager_compile(*args, **kwargs):
+        calls.append(kwargs)
+        return compile_(*args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    qcache = ["consistency.qcache.enabled=true", "consistency.qcache.strength_min=0.2"]
+    assert_close(latents([*qcache, "runtime.compile=true"]), latents(qcache))
+    assert calls == [{"dynamic": False, "mode": None}]
+
+
+def test_cuda_graphs_need_compile_and_cuda():
+    with pytest.raises(ConfigError, match="runtime.compile=true"):
+        load_config("tiny-random", ["runtime.cuda_graphs=true"])
+    with pytest.raises(ConfigError, match="runtime.overlap_decode"):
+        load_config("tiny-random", ["runtime.overlap_decode=1"])
+    unet = load_model(load_config("tiny-random", ["runtime.device=cpu"])).unet
+    with pytest.raises(FifoStreamError, match="CUDA"):
+        compile_unet(unet, cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [["runtime.compile=true"], ["runtime.compile=true", "runtime.cuda_graphs=true"], ["runtime.channels_last=true"]],
+                         ids=["compile", "cuda-graphs", "channels-last"])
+def test_gpu_fast_path_computes_the_same_latents(extra):
+    base = ["runtime.device=cuda", "runtime.dtype=fp32"]
+    # TF32 and inductor's fused kernels round differently from eager float32.
+    assert_close(latents([*base, *extra], frames=4), latents(base, frames=4), tolerance=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_gpu_half_precision_ticks(dtype):
+    z = latents(["runtime.device=cuda", f"runtime.dtype={dtype}"], frames=3)
+    assert z.dtype == torch.float32 and torch.isfinite(z).all()
+    assert_close(z, latents(["runtime.device=cuda", "runtime.dtype=fp32"], frames=3), tolerance=0.1)
+
+
+@pytest.mark.gpu
+def test_gpu_ticks_never_wait_for_the_device():
+    cfg = load_config("tiny-random", ["runtime.device=cuda", "runtime.compile=true", "runtime.cuda_graphs=true"])
+    stream = FrameStream(load_model(cfg), cfg, "a red circle", seed=4)
+    for _ in range(3):  # base clip, compilation, CUDA-graph recording
+        stream.next_latent()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        for _ in range(3):
+            stream.next_latent()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        stream.close()
