@@ -104,8 +104,8 @@ def cmd_generate(args) -> None:
     from .pipeline import check_world_size
     from .consistency.refbank import select_layers
     from .runs.loop import execute
-    from .runs.rundir import RUN_FILE, RunDir, RunError, RunSpec, fingerprint
-    from .outputs.targets import validate_target
+    from .runs.rundir import SEGMENTS, RunDir, RunSpec, fingerprint
+    from .outputs.targets import validate_targets
     from .consistency.storyboard import Storyboard
 
     cfg = load_config(args.config or default_config(), args.overrides)
@@ -123,16 +123,10 @@ def cmd_generate(args) -> None:
     if args.checkpoint_every < 1:
         raise FifoStreamError(f"--checkpoint-every must be >= 1 (got {args.checkpoint_every})")
     check_world_size(cfg)
-    for target in args.out:
-        validate_target(target)
     slug = re.sub(r"[^a-z0-9]+", "-", storyboard.scenes[0][1].lower()).strip("-")[:40] or "run"
     run_dir = Path(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}")
-
-    def check_new() -> None:
-        if (run_dir / RUN_FILE).exists():
-            raise RunError(f"{run_dir} already holds a run; continue it with 'fifo-stream resume {run_dir}' or choose another --run-dir")
-
-    distributed.from_main(check_new)
+    validate_targets(args.out, run_dir / SEGMENTS)
+    distributed.from_main(lambda: RunDir.check_new(run_dir))
     weights = _weights_path(cfg, args.ckpt)
     with distributed.all_ranks():
         model = load_model(cfg, args.ckpt, trust=args.trust_checkpoint)
@@ -141,36 +135,42 @@ def cmd_generate(args) -> None:
         select_layers(model.unet, cfg.consistency.refbank.layers)  # refuse bad layers before creating the run
     spec = RunSpec(storyboard.scenes[0][1], frames, list(args.out), args.seed, args.checkpoint_every, args.ckpt, args.pipe_format, storyboard.to_json())
     run = distributed.from_main(lambda: RunDir.create(run_dir, spec, cfg))
-    execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet))
+    try:
+        execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet))
+    finally:
+        run.release()
     if distributed.is_main():
         print(f"wrote {frames} frames; run directory {run_dir}", file=sys.stderr)
 
 
 def cmd_resume(args) -> None:
     from .runs import distributed
-    from .config import load_config
     from .models.loading import load_model
     from .runs.loop import execute
-    from .runs.rundir import CONFIG, RunDir, RunError, fingerprint
+    from .runs.rundir import RunDir, RunError, fingerprint
 
     def open_run():
-        run = RunDir.open(args.run_dir)
+        run = RunDir.open(args.run_dir, writer=True)
         spec, manifest = run.spec, run.manifest
         if manifest["finished"]:
             raise RunError(f"{run.path} is already finished ({manifest['frames_written']} frames); nothing to resume")
-        return run, spec, load_config(run.path / CONFIG)
+        return run, spec, run.config
 
     # Only rank 0 needs to see the run directory (other nodes may not share its file system).
     run, spec, cfg = distributed.from_main(open_run)
     weights = _weights_path(cfg, spec.checkpoint)
     with distributed.all_ranks():
         model = load_model(cfg, spec.checkpoint, trust=args.trust_checkpoint)
-    execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet), force=args.force)
+    try:
+        execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet), force=args.force)
+    finally:
+        run.release()
     if distributed.is_main():
         print(f"finished {spec.frames} frames; run directory {run.path}", file=sys.stderr)
 
 
 def cmd_info(args) -> None:
+    from .runs import lock
     from .runs.rundir import STATE, RunDir
 
     run = RunDir.open(args.run_dir)
@@ -178,6 +178,8 @@ def cmd_info(args) -> None:
     done = manifest["frames_written"]
     weights = spec.checkpoint or (cfg.model.checkpoint if cfg.model.weights == "checkpoint" else "random weights")
     status = "finished" if manifest["finished"] else ("not started" if not (run.path / STATE).exists() else "interrupted")
+    if (pid := lock.holder(run.path)) is not None:
+        status = f"running (process {pid})"
     storyboard = spec.schedule(cfg.storyboard.transition)
     if len(storyboard.scenes) == 1:
         prompts = [f"prompt:      {spec.prompt}"]

@@ -15,6 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -266,20 +267,23 @@ def resolve_config_path(name: str | Path) -> Path:
     raise ConfigError(f"config not found: {name} (give a YAML path or one of: {', '.join(config_names())})")
 
 
-def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
+def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """(file, content) of a config and its ``defaults:`` parents, the furthest parent first."""
     if path.resolve() in seen:
         raise ConfigError(f"config {path} includes itself through 'defaults'")
     try:
         cfg = OmegaConf.load(path)
-    except (OmegaConfBaseException, OSError, ValueError) as e:
-        raise ConfigError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+    except (OmegaConfBaseException, OSError, ValueError, yaml.YAMLError) as e:
+        where = getattr(e, "problem_mark", None)  # YAML syntax errors know the line
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"cannot read config {path}{at}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}; fix the YAML") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config {path} must be a YAML mapping")
     parent = cfg.pop("defaults", None)
     if parent is None:
-        return [cfg]
+        return [(path, cfg)]
     beside = path.parent / parent  # a parent next to the file, else a path or a shipped config's name
-    return _read_chain(beside if beside.is_file() else resolve_config_path(parent), seen + (path.resolve(),)) + [cfg]
+    return _read_chain(beside if beside.is_file() else resolve_config_path(parent), seen + (path.resolve(),)) + [(path, cfg)]
 
 
 def default_config() -> str:
@@ -294,10 +298,20 @@ def load_config(name: str | Path | None = None, overrides: list[str] | tuple[str
         if "=" not in item:
             raise ConfigError(f"bad override {item!r}: write overrides as key=value, e.g. sampling.partitions=2")
     cfg = OmegaConf.structured(Config)
-    try:
-        for part in (*chain, OmegaConf.from_dotlist(list(overrides))):
+    for source, part in (*chain, (None, OmegaConf.from_dotlist(list(overrides)))):
+        try:
             _check_bools(part, Config)
-            cfg = OmegaConf.merge(cfg, part)
+            cfg = _merge(cfg, part)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in {source}: fix it there)" if source is not None else str(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def _merge(cfg: DictConfig, part: DictConfig) -> DictConfig:
+    """``part`` merged over ``cfg``, schema errors as one-line :class:`ConfigError`."""
+    try:
+        return OmegaConf.merge(cfg, part)
     except ConfigKeyError as e:
         parent, _, _ = (e.full_key or "").rpartition(".")
         valid = ", ".join(f.name for f in fields(_schema_at(parent)))
@@ -306,8 +320,6 @@ def load_config(name: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(_type_error(e)) from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad config value: {str(e).splitlines()[0]}") from None
-    validate(cfg)
-    return cfg
 
 
 def _schema_at(key: str) -> type:

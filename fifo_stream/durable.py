@@ -42,6 +42,10 @@ def atomic_write(path: str | os.PathLike, data: bytes, before_rename=None, *, tm
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp") if tmp is None else tmp
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    durable_replace(tmp, path, before_rename)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        durable_replace(tmp, path, before_rename)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)  # a half-written file must not take the space the next try needs
+        raise

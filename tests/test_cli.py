@@ -1,6 +1,9 @@
 """The command line as a user runs it: real subprocesses, one-line errors, no tracebacks."""
 
+import fractions
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 
@@ -89,7 +92,34 @@ def workspace(tmp_path_factory):
     state.write_bytes(bytes(data))
     config = ws / "changed" / "config.yaml"
     config.write_text(config.read_text().replace("guidance_scale: 12.0", "guidance_scale: 7.5"))
+    damage_run_directories(ws, ws / "corrupt")
+    write_bad_files(ws)
     return ws
+
+
+def damage_run_directories(ws, intact):
+    """Copies of an interrupted run, each with one file damaged as a crash or a hand edit would."""
+    damages = {
+        "badspec": ("run.json", lambda text: text[: len(text) // 2]),
+        "typedspec": ("run.json", lambda text: text.replace('"frames": 6', '"frames": "six"')),
+        "badcfg": ("config.yaml", lambda text: text.replace("sampling:", "sampling: [")),
+        "keycfg": ("config.yaml", lambda text: text.replace("sampling:", "sampling:\n  partitionz: 2")),
+        "badmanifest": ("manifest.json", lambda text: "{" + text[:10]),
+        "fieldsmanifest": ("manifest.json", lambda text: text.replace('"frames_written"', '"frames_done"')),
+    }
+    for name, (file, damage) in damages.items():
+        shutil.copytree(intact, ws / name)
+        path = ws / name / file
+        path.write_text(damage(path.read_text()))
+
+
+def write_bad_files(ws):
+    (ws / "syntax.yaml").write_text("sampling: [partitions\n  eta: 1\n")
+    (ws / "list.yaml").write_text("- sampling\n- partitions\n")
+    (ws / "typed.yaml").write_text("defaults: tiny-random\nsampling:\n  partitions: two\n")
+    with open(ws / "plain.ckpt", "wb") as fh:  # a plain pickle (protocol 4): torch warns before refusing
+        pickle.dump({"state_dict": {"w": [1.0, 2.0]}}, fh, protocol=4)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hparams": fractions.Fraction(1, 3)}, ws / "objects.ckpt")
 
 
 GEN = ["generate", "a red circle", "--out", "out.mp4"]
@@ -124,7 +154,41 @@ BAD_INPUTS = {
     "storyboard prompt after the end": (GEN + ["--frames", "8", "--prompt", "8: b"], "after the video's last frame"),
     "storyboard transition too long": (GEN + ["--frames", "20", "--prompt", "5: b", "storyboard.transition=6"], "closer than the 6-frame"),
     "unknown refbank layer": (GEN + ["--frames", "2", "consistency.refbank.enabled=true", "consistency.refbank.layers=[output_blocks.99]"], "names no spatial"),
+    "refbank reference after the end": (GEN + ["--frames", "2", "consistency.refbank.enabled=true", "consistency.refbank.reference=5"], "after the video's last frame"),
+    "negative seconds": (GEN + ["--seconds", "-2"], "at least one frame"),
+    "boolean option given a number": (GEN + ["--frames", "2", "runtime.compile=2"], "runtime.compile=2 is invalid: it must be true or false"),
+    "storyboard prompts not a list": (["generate", "--frames", "2", "--out", "out.mp4", "storyboard.prompts=abc"], "a list of 'N: text' entries"),
+    "noise correlation out of range": (GEN + ["--frames", "2", "sampling.noise_alpha=2"], "sampling.noise_alpha=2.0 is invalid"),
+    "unknown key in a section": (GEN + ["--frames", "2", "sampling.partition=2"], "valid keys in sampling: partitions"),
+    "config with a YAML syntax error": (GEN + ["--frames", "2", "--config", "syntax.yaml"], "cannot read config syntax.yaml (line 2)"),
+    "config that is not a mapping": (GEN + ["--frames", "2", "--config", "list.yaml"], "must be a YAML mapping"),
+    "config file with a wrong type": (GEN + ["--frames", "2", "--config", "typed.yaml"], "sampling.partitions='two' is invalid: it must be an integer >= 1 (in typed.yaml"),
+    "two stdout outputs": (GEN[:2] + ["--frames", "2", "--out", "-", "--out", "-"], "stdout carries one stream"),
+    "the same file twice": (GEN + ["--frames", "2", "--out", "./out.mp4"], "name the same output"),
+    "an output inside segments/": (GEN[:2] + ["--frames", "2", "--run-dir", "fresh", "--out", "fresh/segments/x.mp4"], "inside the run directory's segments/"),
+    "run directory is a file": (GEN + ["--frames", "2", "--run-dir", "blocker"], "is a file"),
+    "unknown pipe format": (GEN[:2] + ["--frames", "2", "--out", "-", "--pipe-format", "avi"], "invalid choice: 'avi'"),
+    "plain pickle checkpoint": (GEN + ["--frames", "2", "--ckpt", "plain.ckpt", "model.weights=checkpoint"], "plain.ckpt holds Python objects besides tensors and was NOT unpickled"),
+    "checkpoint holding objects": (GEN + ["--frames", "2", "--ckpt", "objects.ckpt", "model.weights=checkpoint"], "was NOT unpickled"),
+    "resume with a damaged run.json": (["resume", "badspec"], "run.json is damaged"),
+    "resume with wrong types in run.json": (["resume", "typedspec"], "run.json is damaged (frames)"),
+    "resume with a damaged config.yaml": (["resume", "badcfg"], "config.yaml is damaged or changed by hand"),
+    "resume with an unknown key in config.yaml": (["resume", "keycfg"], "unknown config key 'sampling.partitionz'"),
+    "resume with a damaged manifest": (["resume", "badmanifest"], "manifest.json is missing or damaged"),
+    "resume with a manifest of other fields": (["resume", "fieldsmanifest"], "fields are not those of a manifest"),
+    "info with a damaged run.json": (["info", "badspec"], "run.json is damaged"),
+    "info with a damaged manifest": (["info", "badmanifest"], "manifest.json is missing or damaged"),
+    "info with a damaged config.yaml": (["info", "badcfg"], "config.yaml is damaged"),
+    "convert into a missing directory": (["convert", "objects.ckpt", "nowhere/x.safetensors"], "does not exist"),
+    "convert of a directory": (["convert", "dir.mp4", "x.safetensors"], "is a directory"),
+    "convert of objects without trust": (["convert", "objects.ckpt", "x.safetensors"], "was NOT unpickled"),
+    "convert of a plain pickle": (["convert", "plain.ckpt", "x.safetensors"], "plain.ckpt holds Python objects besides tensors"),
 }
+
+
+def test_there_are_at_least_40_distinct_bad_inputs():
+    assert len(BAD_INPUTS) >= 40 and len({tuple(args) for args, _ in BAD_INPUTS.values()}) == len(BAD_INPUTS)
+    assert {args[0] for args, _ in BAD_INPUTS.values()} == {"generate", "resume", "info", "convert"}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Mapping
@@ -80,7 +81,11 @@ def _torch_load(path: Path, trust: bool):
     if not (is_zip or is_pickle):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch zip archive nor a pickle)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        with warnings.catch_warnings():
+            # torch warns that a plain pickle's protocol "might not be supported", then refuses it
+            # (or not) itself; the warning tells the user nothing that the outcome does not.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(e)})") from None

@@ -102,6 +102,14 @@ def _decode_order_pts(path: str | os.PathLike) -> list[int]:
         return [p.pts for p in src.demux(src.streams.video[0]) if p.pts is not None]
 
 
+def count_frames(path: str | os.PathLike) -> int:
+    """The frames in a video file, counted as its video packets (read back, not trusted)."""
+    try:
+        return len(_decode_order_pts(path))
+    except _AV_ERRORS as e:
+        raise SinkError(f"cannot read {path} back ({_reason(e)})") from None
+
+
 def _reorder_depth(pts: list[int]) -> int:
     """How many frames decode order runs ahead of presentation order at most."""
     rank = {value: r for r, value in enumerate(sorted(pts))}

@@ -6,6 +6,7 @@ import inspect
 import os
 import re
 from pathlib import Path
+from typing import Sequence
 
 from .base import Sink, SinkError
 from .file import FileSink, check_file_target
@@ -44,6 +45,23 @@ def validate_target(target: str) -> str:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise SinkError(f"cannot write output {target}: {existing} is not a writable directory; choose a writable location")
     return kind
+
+
+def validate_targets(targets: Sequence[str], segments: str | os.PathLike) -> None:
+    """Check every target, and that they can be written side by side: one stdout stream at most,
+    no file or URL twice, nothing inside the run directory's ``segments`` (fifo-stream's own)."""
+    kinds = [validate_target(target) for target in targets]
+    if kinds.count("pipe") > 1:
+        raise SinkError(f"'--out -' is given {kinds.count('pipe')} times, but stdout carries one stream; keep one '-' and add files or URLs for more outputs")
+    segments = Path(segments).absolute()
+    seen: dict[str, str] = {}
+    for target, kind in zip(targets, kinds):
+        key = target if kind == "rtmp" else os.path.normpath(Path(target).absolute())
+        if key in seen:
+            raise SinkError(f"--out {target} and --out {seen[key]} name the same output; give each output its own path")
+        seen[key] = target
+        if kind in ("file", "png") and Path(key).is_relative_to(segments):
+            raise SinkError(f"--out {target} is inside the run directory's {segments.name}/, which fifo-stream manages; write it elsewhere")
 
 
 def open_sink(target: str, width: int, height: int, fps: float, **options) -> Sink:

@@ -42,6 +42,11 @@ class _Worker(Sink):
                 if isinstance(item, threading.Event):
                     item.set()
 
+    @property
+    def failed(self) -> bool:
+        """Whether the thread stopped on an error."""
+        return self._error is not None
+
     def _raise_error(self) -> None:
         if self._error is not None and not self._reported:
             self._reported = True

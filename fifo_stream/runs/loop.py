@@ -31,7 +31,8 @@ from .outputs import Outputs
 from .rundir import RunDir, RunError, RunSpec, discard_after
 
 # Crash tests: "point:N" makes the process SIGKILL itself at a checkpoint step
-# (segments, manifest, state: during checkpoint N of this process) or after frame N (frame).
+# (segments, manifest, state: during checkpoint N of this process), after frame N (frame),
+# or once the outputs are joined but before the run is marked finished (join:1).
 FAULT_ENV = "FIFO_STREAM_FAULT"
 
 
@@ -167,14 +168,24 @@ class _Leader:
         self.bar = tqdm(total=spec.frames, initial=stream.emitted, unit="frame", disable=not progress, dynamic_ncols=True)
 
     def checkpoint(self) -> None:
-        """Cut the segments, then replace the manifest, then the engine state (each step a crash point)."""
+        """Cut the segments, then replace the manifest, then the engine state (each step a crash point).
+
+        A write that fails (a full disk) leaves the previous checkpoint in force: resume starts from it.
+        """
         self.checkpoints += 1
         count = self.checkpoints
+        saved = self.manifest["frames_written"]
         self.outputs.cut()
         _fault("segments", count)
-        self.manifest["frames_written"] = self.stream.emitted
-        self.run_dir.write_manifest(self.manifest, lambda: _fault("manifest", count))
-        self.run_dir.save_state({"stream": self.stream.state_dict(), "fingerprint": self.identity}, lambda: _fault("state", count))
+        try:
+            self.manifest["frames_written"] = self.stream.emitted
+            self.run_dir.write_manifest(self.manifest, lambda: _fault("manifest", count))
+            self.run_dir.save_state({"stream": self.stream.state_dict(), "fingerprint": self.identity}, lambda: _fault("state", count))
+        except OSError as e:
+            raise OutputLost(
+                f"writing the checkpoint in {self.run_dir.path} failed ({e.strerror}); the run is saved at frame {saved}: "
+                f"free space, then continue with 'fifo-stream resume {self.run_dir.path}'"
+            ) from None
 
     def write_pending(self, keep: int = 0, failed: bool = False) -> None:
         """Write all but the newest ``keep`` pending frames; once an output ``failed``, to those that still work."""
@@ -215,8 +226,9 @@ class _Leader:
             code = self.frames()
         except SinkError as e:
             failure = e
-            self.write_pending(failed=True)
-            self.checkpoint()
+            if not self.outputs.files_failed:  # a live output went away: save what the files hold
+                self.write_pending(failed=True)
+                self.checkpoint()
         finally:
             self.bar.close()
             self.decoder.close()
@@ -228,12 +240,17 @@ class _Leader:
         if close_error is not None:
             raise close_error
         self.outputs.join()
+        _fault("join", 1)
+        self.outputs.verify(self.spec.frames)
         self.manifest["finished"] = True
         self.run_dir.write_manifest(self.manifest)
 
     def _stopped(self, failure: SinkError | None, code: int) -> None:
         """Raise why the run stopped early: an output lost, or a signal (exit ``code``)."""
         resume = f"continue with 'fifo-stream resume {self.run_dir.path}'"
+        if failure is not None and self.outputs.files_failed:
+            saved = self.manifest["frames_written"]
+            raise OutputLost(f"{failure}; the run is saved at its last checkpoint ({saved} frames): free space, then {resume}") from None
         if failure is not None:
             raise OutputLost(f"{failure}; {self.stream.emitted} frames are saved: {resume}") from None
         if code:

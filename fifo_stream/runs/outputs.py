@@ -15,8 +15,10 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ..errors import FifoStreamError
+from .rundir import RunError
 from ..outputs.base import Sink
-from ..outputs.segments import SegmentWriter, join_segments
+from ..outputs.base import SinkError
+from ..outputs.segments import SegmentWriter, count_frames, join_segments
 from ..outputs.targets import open_sink, validate_target
 from ..outputs.workers import BackgroundSink, MultiSink
 from .rundir import RunDir, RunSpec
@@ -33,6 +35,7 @@ class Outputs:
         self.run, self.spec, self.segments = run, spec, segments
         self.writers: dict[str, tuple[BackgroundSink, SegmentWriter]] = {}
         self.live: list[Sink] = []
+        self._cut_failed = False
         try:
             for i, target in enumerate(spec.outputs):
                 self._open(i, target, cfg, start)
@@ -74,11 +77,20 @@ class Outputs:
         for key, (bg, writer) in self.writers.items():
             bg.flush()
             frames = writer.frames_in_segment
-            path = writer.cut()
+            try:
+                path = writer.cut()
+            except SinkError:
+                self._cut_failed = True
+                raise
             if path is not None:
                 self.segments[key].append({"file": path.name, "frames": frames})
                 finished.append(path)
         return finished
+
+    @property
+    def files_failed(self) -> bool:
+        """Whether a file output failed (its open segment is then lost: no checkpoint can cover it)."""
+        return self._cut_failed or any(bg.failed for bg, _ in self.writers.values())
 
     def close(self) -> None:
         """Close every output, then raise the first error any of them raised."""
@@ -88,3 +100,14 @@ class Outputs:
         """Join each file output's listed segments into the file the user asked for."""
         for key, listed in self.segments.items():
             join_segments([self.run.segments / s["file"] for s in listed], self.spec.outputs[int(key)])
+
+    def verify(self, frames: int) -> None:
+        """Check that every file output's segments, and the joined file read back, hold ``frames`` frames."""
+        for key, listed in self.segments.items():
+            target = self.spec.outputs[int(key)]
+            listed_frames, held = sum(s["frames"] for s in listed), count_frames(target)
+            if listed_frames != frames or held != frames:
+                raise RunError(
+                    f"{target} holds {held} frames and its segments {listed_frames}, but {frames} were made; the run is not "
+                    f"marked finished: check the disk, then 'fifo-stream resume {self.run.path}' joins it again"
+                )

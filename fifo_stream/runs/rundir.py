@@ -12,15 +12,19 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import asdict, dataclass
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..config import load_config
 from ..consistency.storyboard import Storyboard
 from ..durable import atomic_write
 from ..errors import FifoStreamError
+from . import lock
 
 RUN_FILE, MANIFEST, STATE, CONFIG, SEGMENTS = "run.json", "manifest.json", "state.pt", "config.yaml", "segments"
 
@@ -54,6 +58,33 @@ def fingerprint(cfg: DictConfig, checkpoint: str | os.PathLike | None) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _types(hint) -> tuple[type, ...]:
+    """The plain classes isinstance needs for a field's annotation (``list[str] | None`` -> (list, NoneType))."""
+    if isinstance(hint, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _types(arg))
+    return (typing.get_origin(hint) or hint,)
+
+
+_SPEC_TYPES = {name: _types(hint) for name, hint in typing.get_type_hints(RunSpec).items()}
+
+
+def _manifest_ok(m) -> bool:
+    """Whether ``m`` has the fields and types of a manifest."""
+    if not isinstance(m, dict) or not isinstance(m.get("segments"), dict):
+        return False
+    segments = [s for listed in m["segments"].values() for s in (listed if isinstance(listed, list) else [None])]
+    return (
+        isinstance(m.get("frames_written"), int)
+        and isinstance(m.get("frame_sha256"), list)
+        and isinstance(m.get("finished"), bool)
+        and all(isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("frames"), int) for s in segments)
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class RunDir:
     """A run directory on disk."""
 
@@ -62,42 +93,76 @@ class RunDir:
         self.segments = self.path / SEGMENTS
 
     @classmethod
-    def create(cls, path: str | os.PathLike, spec: RunSpec, cfg: DictConfig) -> RunDir:
+    def check_new(cls, path: str | os.PathLike) -> None:
+        """Refuse a run directory that holds a run (or that another process is using)."""
         run = cls(path)
         if (run.path / RUN_FILE).exists():
+            lock.check_free(run.path)
             raise RunError(f"{run.path} already holds a run; continue it with 'fifo-stream resume {run.path}' or choose another --run-dir")
         if run.path.exists() and not run.path.is_dir():
             raise RunError(f"run directory {run.path} is a file; choose another --run-dir")
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, spec: RunSpec, cfg: DictConfig) -> RunDir:
+        """Make a new run directory and hold its lock (see :mod:`fifo_stream.runs.lock`)."""
+        run = cls(path)
+        cls.check_new(path)
         try:
             run.segments.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunError(f"cannot create run directory {run.path} ({e.strerror}); choose a writable --run-dir") from None
+        lock.acquire(run.path)
+        cls.check_new(path)  # another process may have created it meanwhile
         atomic_write(run.path / CONFIG, OmegaConf.to_yaml(cfg).encode())
         run.write_manifest({"frames_written": 0, "frame_sha256": [], "segments": {}, "finished": False})
         atomic_write(run.path / RUN_FILE, json.dumps(asdict(spec), indent=1).encode())
         return run
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> RunDir:
+    def open(cls, path: str | os.PathLike, writer: bool = False) -> RunDir:
+        """An existing run directory; a ``writer`` (generate, resume) holds its lock, a reader (info) does not."""
         run = cls(path)
         if not (run.path / RUN_FILE).is_file():
             raise RunError(f"{run.path} is not a fifo-stream run directory (no {RUN_FILE}); give the --run-dir of a generate command")
+        if writer:
+            lock.acquire(run.path)
         return run
+
+    def release(self) -> None:
+        lock.release(self.path)
 
     @property
     def spec(self) -> RunSpec:
-        return RunSpec(**json.loads((self.path / RUN_FILE).read_text()))
+        path = self.path / RUN_FILE
+        try:
+            data = json.loads(path.read_text())
+            spec = RunSpec(**data) if isinstance(data, dict) else None
+        except (OSError, ValueError, TypeError) as e:
+            raise RunError(f"{path} is damaged ({_first_line(e)}); the run cannot be resumed without it: start a new run") from None
+        wrong = [f.name for f in fields(RunSpec) if spec is None or not isinstance(getattr(spec, f.name), _SPEC_TYPES[f.name])]
+        if wrong:
+            raise RunError(f"{path} is damaged ({', '.join(wrong) or 'not an object'}); the run cannot be resumed without it: start a new run")
+        return spec
 
     @property
     def config(self) -> DictConfig:
-        return OmegaConf.load(self.path / CONFIG)
+        """The run's resolved config, validated like any config."""
+        path = self.path / CONFIG
+        try:
+            return load_config(path)
+        except FifoStreamError as e:
+            raise RunError(f"{path} is damaged or changed by hand: {e}; restore it or start a new run") from None
 
     @property
     def manifest(self) -> dict:
+        path = self.path / MANIFEST
         try:
-            return json.loads((self.path / MANIFEST).read_text())
+            manifest = json.loads(path.read_text())
         except (OSError, ValueError):
-            raise RunError(f"{self.path / MANIFEST} is missing or damaged; the run cannot be resumed") from None
+            raise RunError(f"{path} is missing or damaged; the run cannot be resumed") from None
+        if not _manifest_ok(manifest):
+            raise RunError(f"{path} is damaged (its fields are not those of a manifest); the run cannot be resumed")
+        return manifest
 
     def write_manifest(self, manifest: dict, before_rename=None) -> None:
         atomic_write(self.path / MANIFEST, json.dumps(manifest).encode(), before_rename)
