@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import FifoStreamError, PeerExit
+from .inputs.fit import FIT_MODES
 from .outputs.formats import PIPE_FORMATS
 
 
@@ -44,12 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--run-dir", default=None, help="where checkpoints and segments go (default: runs/DATE-TIME-PROMPT)")
     gen.add_argument("--checkpoint-every", type=int, default=100, metavar="K", help="checkpoint every K frames (default 100)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    start = gen.add_mutually_exclusive_group()
+    start.add_argument("--init-image", metavar="PATH", help="start the video from this image (PNG, JPEG, WebP; an animated image's first frame)")
+    start.add_argument("--init-video", metavar="PATH", help="continue this video: its last frames (one window) start the generation")
+    gen.add_argument("--init-strength", type=float, metavar="S",
+                     help="how far the init footage is noised before denoising, 0..1 (default 0.7 for an image, 0 for a video)")
+    gen.add_argument("--fit", choices=FIT_MODES, default="crop", help="fit footage to the video size: crop (default), pad or stretch")
+    gen.add_argument("--pad-short", action="store_true", help="an init video shorter than one window repeats its last frame")
     _add_model_args(gen)
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.partitions=2")
 
     res = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     res.add_argument("run_dir")
-    res.add_argument("--force", action="store_true", help="use the checkpoint even if the config or model changed")
+    res.add_argument("--force", action="store_true", help="use the checkpoint even if the config, model or init footage changed")
     res.add_argument("--quiet", action="store_true", help="no progress bar")
     res.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of a model checkpoint you trust (can run code)")
 
@@ -93,6 +101,25 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+def _read_inputs(args, cfg) -> dict[str, dict]:
+    """Check the footage flags, read the footage once (so that a bad file fails before anything is
+    written) and return its fingerprints by role."""
+    from .runs.inputs import load_inputs, record_inputs
+    from .runs.rundir import RunSpec
+
+    init = args.init_image or args.init_video
+    if args.init_strength is not None and not (init and 0.0 <= args.init_strength <= 1.0):
+        raise FifoStreamError(f"--init-strength {args.init_strength} needs --init-image or --init-video and a value from 0 to 1")
+    if args.pad_short and not args.init_video:
+        raise FifoStreamError("--pad-short applies to --init-video; give a video or drop it")
+    r = cfg.consistency.refbank
+    reference = r.reference if r.enabled and isinstance(r.reference, str) else None
+    inputs = record_inputs({"init_image": args.init_image, "init_video": args.init_video, "reference": reference})
+    spec = RunSpec("", 1, [], inputs=inputs, init_strength=args.init_strength, fit=args.fit, pad_short=args.pad_short)
+    load_inputs(spec, cfg, cfg.model.unet.temporal_length)
+    return inputs
+
+
 def cmd_generate(args) -> None:
     import time
 
@@ -118,11 +145,13 @@ def cmd_generate(args) -> None:
     storyboard = Storyboard.parse(entries or OmegaConf.to_container(cfg.storyboard.prompts), cfg.storyboard.transition)
     if storyboard.scenes[-1][0] >= frames:
         raise FifoStreamError(f"the prompt at frame {storyboard.scenes[-1][0]} starts after the video's last frame ({frames - 1}); drop it or make the video longer")
-    if cfg.consistency.refbank.enabled and cfg.consistency.refbank.reference >= frames:
+    reference = cfg.consistency.refbank.reference
+    if cfg.consistency.refbank.enabled and isinstance(reference, int) and reference >= frames:
         raise FifoStreamError(f"consistency.refbank.reference={cfg.consistency.refbank.reference} is after the video's last frame ({frames - 1}); choose an earlier frame")
     if args.checkpoint_every < 1:
         raise FifoStreamError(f"--checkpoint-every must be >= 1 (got {args.checkpoint_every})")
     check_world_size(cfg)
+    inputs = _read_inputs(args, cfg)
     slug = re.sub(r"[^a-z0-9]+", "-", storyboard.scenes[0][1].lower()).strip("-")[:40] or "run"
     run_dir = Path(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}")
     validate_targets(args.out, run_dir / SEGMENTS)
@@ -133,7 +162,10 @@ def cmd_generate(args) -> None:
     model.text_encoder.tokenizer([*storyboard.prompts, cfg.sampling.negative_prompt])  # refuse unknown words before writing anything
     if cfg.consistency.refbank.enabled:
         select_layers(model.unet, cfg.consistency.refbank.layers)  # refuse bad layers before creating the run
-    spec = RunSpec(storyboard.scenes[0][1], frames, list(args.out), args.seed, args.checkpoint_every, args.ckpt, args.pipe_format, storyboard.to_json())
+    spec = RunSpec(
+        storyboard.scenes[0][1], frames, list(args.out), args.seed, args.checkpoint_every, args.ckpt, args.pipe_format,
+        storyboard.to_json(), inputs, args.init_strength, args.fit, args.pad_short,
+    )
     run = distributed.from_main(lambda: RunDir.create(run_dir, spec, cfg))
     try:
         execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet))
@@ -147,6 +179,7 @@ def cmd_resume(args) -> None:
     from .runs import distributed
     from .models.loading import load_model
     from .runs.loop import execute
+    from .runs.inputs import check_inputs
     from .runs.rundir import RunDir, RunError, fingerprint
 
     def open_run():
@@ -154,6 +187,8 @@ def cmd_resume(args) -> None:
         spec, manifest = run.spec, run.manifest
         if manifest["finished"]:
             raise RunError(f"{run.path} is already finished ({manifest['frames_written']} frames); nothing to resume")
+        if not args.force:
+            check_inputs(spec)
         return run, spec, run.config
 
     # Only rank 0 needs to see the run directory (other nodes may not share its file system).

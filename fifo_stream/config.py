@@ -207,6 +207,10 @@ def _layer_list(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, ListConfig) and all(isinstance(v, str) for v in value))
 
 
+def _frame_or_path(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (isinstance(value, str) and value != "")
+
+
 @dataclass
 class RefBankConfig:
     """Reference key/value bank in the spatial self-attention (attn1)."""
@@ -218,7 +222,8 @@ class RefBankConfig:
     mode: str = option("concat", one_of("concat", "replace"))  # concat: keys [K_self; K_ref] | replace: keys K_ref only
     weight: float = option(1.0, Rule(lambda v: v > 0, "a number > 0"))  # concat: log(weight) is added to the reference logits
     momentum: float = option(1.0, FRACTION)  # mu in bank_k <- mu bank_k + (1 - mu) K_new; 1: fixed reference, 0: the previous frame
-    reference: int = option(0, Rule(lambda v: v >= 0, "an emitted frame number >= 0"))  # the emitted frame whose keys/values are the reference
+    # the emitted frame whose keys/values are the reference, or an image's path (its K/V at every level are recorded first)
+    reference: Any = option(0, Rule(_frame_or_path, "an emitted frame number >= 0 or an image path"))
     dtype: str = option("fp16", one_of("fp16", "bf16", "fp32"))  # storage
 
 

@@ -13,3 +13,7 @@ class PeerExit(FifoStreamError):
     def __init__(self, code: int):
         super().__init__(f"stopped with the other processes of the job (exit code {code})")
         self.exit_code = code
+
+
+class InputError(FifoStreamError):
+    """A user's image or video cannot be used; the message says why and what to do."""

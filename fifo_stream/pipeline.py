@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -17,8 +18,9 @@ from .consistency.storyboard import Storyboard
 from .errors import FifoStreamError
 from .models.loading import DTYPES, VideoModel, compile_unet
 from .runs import distributed
-from .sampling.ddim import sample_ddim
-from .sampling.fifo import FifoEngine, FifoSettings
+from .sampling.ddim import guided_eps, sample_ddim
+from .sampling.fifo import FifoEngine, FifoSettings, FrameLayout
+from .sampling.schedule import fifo_timesteps
 from .sampling.tail_noise import make_noise
 
 
@@ -46,6 +48,23 @@ def check_world_size(cfg: DictConfig) -> None:
         raise FifoStreamError("sampling.mode=sequential runs on one process; use sampling.mode=batched under torchrun")
 
 
+@dataclass
+class StartClip:
+    """What the video starts from instead of noise: the user's image or the end of their video.
+
+    ``frames`` (n, H, W, 3) uint8 at the video size: one image (repeated over the window), or
+    the last f frames of a video (continued: they are not emitted again). The base clip is
+    ``frames`` after SDEdit at ``strength`` (0 keeps them, 1 leaves almost only noise).
+    """
+
+    frames: np.ndarray
+    strength: float
+
+    @property
+    def continues(self) -> bool:
+        return len(self.frames) > 1
+
+
 class FrameStream:
     """An endless iterator of decoded frames (H, W, 3) uint8; ``state_dict`` resumes it exactly.
 
@@ -59,10 +78,23 @@ class FrameStream:
     on the first scene's. Each distinct prompt is encoded once.
 
     With ``runtime.compile`` the ticks run a compiled U-Net (the base clip runs eagerly).
+
+    ``start`` begins the video from the user's footage (:class:`StartClip`); ``reference_image``
+    (H, W, 3) uint8 fills the reference bank (``consistency.refbank``) from that image instead of
+    an emitted frame, at the cost of one one-frame U-Net call per noise level and branch.
     """
 
-    def __init__(self, model: VideoModel, cfg: DictConfig, prompt: str | Storyboard, seed: int = 0):
+    def __init__(
+        self,
+        model: VideoModel,
+        cfg: DictConfig,
+        prompt: str | Storyboard,
+        seed: int = 0,
+        start: StartClip | None = None,
+        reference_image: np.ndarray | None = None,
+    ):
         self.model, self.cfg = model, cfg
+        self.start_clip, self.reference_image = start, reference_image
         self.settings = settings = fifo_settings(cfg, model)
         vae_factor = model.spatial_factor
         self.latent_shape = (1, model.unet.in_channels, cfg.video.height // vae_factor, cfg.video.width // vae_factor)
@@ -73,6 +105,8 @@ class FrameStream:
         self.cond = self.scene_contexts[:1]
         self.uncond = model.encode_text([cfg.sampling.negative_prompt])
         self.skip = settings.warmup_frames if cfg.sampling.discard_warmup else 0
+        if start is not None and start.continues:
+            self.skip = settings.frames - settings.emit_slot  # the input's own frames that are still to be emitted
         check_world_size(cfg)
         self.refbank = self.qcache = None
         try:
@@ -95,7 +129,7 @@ class FrameStream:
         """Put the enabled consistency controls on the model's U-Net."""
         r, q, unet = self.cfg.consistency.refbank, self.cfg.consistency.qcache, self.model.unet
         if r.enabled:
-            reference_tick = self.skip + r.reference
+            reference_tick = self.skip + (r.reference if self.reference_image is None else 0)
             self.refbank = RefBank(unet, self.settings.steps, r.layers, r.mode, r.weight, r.momentum, reference_tick, DTYPES[r.dtype])
         if q.enabled:
             self.qcache = QCache(unet, None if q.pairs is None else dict(q.pairs), q.strength, q.strength_min, len(self.model.alphas))
@@ -109,17 +143,43 @@ class FrameStream:
             self.refbank.remove()
             self.refbank = None
 
+    def _unet(self, x, t, ctx, attention_kwargs=None):
+        return self.model.unet(x, t, ctx, self.settings.fps, attention_kwargs)
+
     def start(self) -> None:
-        """Sample the base clip with plain DDIM and noise it into the queue."""
+        """Sample the base clip with plain DDIM (SDEdit from the start clip) and noise it into the queue."""
         b, c, h, w = self.latent_shape
         g = torch.Generator(device=self.model.device).manual_seed(self.seed)
         noise = torch.randn((b, c, self.settings.frames, h, w), generator=g, device=self.model.device)
-        unet = lambda x, t, ctx, kwargs: self.model.unet(x, t, ctx, self.settings.fps, kwargs)  # noqa: E731
+        if self.reference_image is not None:
+            self._record_reference()
+        x0, strength = None, 1.0
+        if self.start_clip is not None:  # an image is repeated over the window; a video's f frames are the window
+            x0 = self.model.encode(self.start_clip.frames).expand(-1, -1, self.settings.frames, -1, -1).contiguous()
+            strength = self.start_clip.strength
         clip = sample_ddim(
-            unet, noise, self.cond, self.uncond, self.model.alphas, self.settings.steps,
-            self.settings.guidance_scale, self.settings.eta, g, self.model.scales, self.settings.clip_x0,
+            self._unet, noise, self.cond, self.uncond, self.model.alphas, self.settings.steps,
+            self.settings.guidance_scale, self.settings.eta, g, self.model.scales, self.settings.clip_x0, x0, strength,
         )
-        self.engine.start_from_clip(distributed.broadcast_(clip))  # rank 0's clip: identical queues on every rank
+        continues = self.start_clip is not None and self.start_clip.continues
+        self.engine.start_from_clip(distributed.broadcast_(clip), continues)  # rank 0's clip: identical queues on every rank
+
+    def _record_reference(self) -> None:
+        """Fill the bank from the reference image: noised to every level (seeded), one U-Net row per level and branch."""
+        s = self.settings
+        z = self.model.encode(self.reference_image[None])  # (1, c, 1, h, w)
+        levels = fifo_timesteps(s.steps, len(self.model.alphas))
+        a = self.model.alphas[levels].float().to(z).reshape(-1, 1, 1, 1, 1)
+        g = torch.Generator(device=self.model.device).manual_seed(self.seed + 3)
+        x = a.sqrt() * z + (1 - a).sqrt() * torch.randn((s.steps, *z.shape[1:]), generator=g, device=z.device)
+        rows, level = 2 * s.steps, torch.arange(s.steps).repeat(2)[:, None]
+        layout = FrameLayout(
+            branch=torch.arange(2).repeat_interleave(s.steps), batch=torch.zeros(rows, dtype=torch.long), level=level,
+            owner=torch.ones(rows, 1, dtype=torch.bool), frame=torch.full((rows, 1), self.refbank.reference_tick), batch_size=1,
+        )
+        t, cond, uncond = levels.to(z.device)[:, None], self.cond.expand(s.steps, -1, -1), self.uncond.expand(s.steps, -1, -1)
+        guided_eps(self._unet, x, t, cond, uncond, s.guidance_scale, self.cfg.sampling.max_batch, self.refbank.attention_kwargs(layout))
+        self.refbank.commit()
 
     def next_latent(self) -> torch.Tensor:
         """The next emitted latent (b, c, h, w), skipping warm-up ticks."""

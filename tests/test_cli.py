@@ -7,10 +7,16 @@ import shutil
 import subprocess
 import sys
 
+import struct
+import zlib
+
 import av
+import numpy as np
 import pytest
 import torch
 
+from fifo_stream.outputs.file import FileSink
+from media import write_tone
 from synthetic import synthetic_state_dict
 
 
@@ -120,6 +126,21 @@ def write_bad_files(ws):
     with open(ws / "plain.ckpt", "wb") as fh:  # a plain pickle (protocol 4): torch warns before refusing
         pickle.dump({"state_dict": {"w": [1.0, 2.0]}}, fh, protocol=4)
     torch.save({"state_dict": {"w": torch.zeros(1)}, "hparams": fractions.Fraction(1, 3)}, ws / "objects.ckpt")
+    write_bad_footage(ws)
+
+
+def write_bad_footage(ws):
+    (ws / "notes.txt").write_text("not an image\n")
+    (ws / "empty.png").write_bytes(b"")
+    write_tone(ws / "tone.wav")  # audio only
+    side = 9000  # a 1-bit PNG of 81 M pixels, 10 kB on disk
+    rows = (b"\x00" + b"\x00" * ((side + 7) // 8)) * side
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+    (ws / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+    with FileSink(ws / "short.mp4", 96, 64, 8) as sink:  # 3 frames: less than one window of 8
+        for i in range(3):
+            sink.write(np.full((64, 96, 3), 40 * i, np.uint8))
 
 
 GEN = ["generate", "a red circle", "--out", "out.mp4"]
@@ -183,6 +204,21 @@ BAD_INPUTS = {
     "convert of a directory": (["convert", "dir.mp4", "x.safetensors"], "is a directory"),
     "convert of objects without trust": (["convert", "objects.ckpt", "x.safetensors"], "was NOT unpickled"),
     "convert of a plain pickle": (["convert", "plain.ckpt", "x.safetensors"], "plain.ckpt holds Python objects besides tensors"),
+    "init image missing": (GEN + ["--frames", "2", "--init-image", "nope.png"], "nope.png does not exist"),
+    "init image is a directory": (GEN + ["--frames", "2", "--init-image", "dir.mp4"], "dir.mp4 is a directory"),
+    "init image is a text file": (GEN + ["--frames", "2", "--init-image", "notes.txt"], "notes.txt is not a file FFmpeg can read"),
+    "init image is empty": (GEN + ["--frames", "2", "--init-image", "empty.png"], "empty.png is empty (0 bytes)"),
+    "init image is audio": (GEN + ["--frames", "2", "--init-image", "tone.wav"], "tone.wav has no picture in it"),
+    "init image too large": (GEN + ["--frames", "2", "--init-image", "huge.png"], "huge.png is 9000x9000; images up to 67,108,864 pixels"),
+    "init video too short": (GEN + ["--frames", "2", "--init-video", "short.mp4"], "has 3 frames at 8 fps; it needs at least 8"),
+    "init video is audio only": (GEN + ["--frames", "2", "--init-video", "tone.wav"], "tone.wav has no video stream"),
+    "init video missing": (GEN + ["--frames", "2", "--init-video", "nope.mp4"], "nope.mp4 does not exist"),
+    "init strength out of range": (GEN + ["--frames", "2", "--init-video", "short.mp4", "--pad-short", "--init-strength", "1.5"], "a value from 0 to 1"),
+    "init strength without footage": (GEN + ["--frames", "2", "--init-strength", "0.5"], "needs --init-image or --init-video"),
+    "pad-short without a video": (GEN + ["--frames", "2", "--pad-short"], "--pad-short applies to --init-video"),
+    "init image and video together": (GEN + ["--frames", "2", "--init-image", "a.png", "--init-video", "b.mp4"], "not allowed with argument --init-image"),
+    "unknown fit mode": (GEN + ["--frames", "2", "--init-image", "a.png", "--fit", "zoom"], "invalid choice: 'zoom'"),
+    "reference image missing": (GEN + ["--frames", "2", "consistency.refbank.enabled=true", "consistency.refbank.reference=nope.png"], "nope.png does not exist"),
 }
 
 

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,7 +17,7 @@ from ..sampling.schedule import alphas_cumprod, scale_arr
 from .text_encoder import OpenCLIPTextTower, TextEncoder
 from .tokenizer import ClipTokenizer, WordTokenizer
 from .unet import UNet3D
-from .vae import build_vae, decode_latents, load_vae_weights, spatial_factor, to_uint8
+from .vae import build_vae, decode_latents, encode_frames, load_vae_weights, spatial_factor, to_uint8
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # safetensors metadata of models with a word-level text encoder (see tokenizer.WordTokenizer)
@@ -49,6 +50,13 @@ class VideoModel:
     def decode(self, latents: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
         """Latent frames (b, c, t, h, w) -> uint8 frames (b, t, H, W, 3) on the CPU."""
         return to_uint8(decode_latents(self.vae, latents, self.scale_factor, batch_size, upscale=self.upscale)).cpu()
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames (t, H, W, 3) at the video size -> latent frames (1, c, t, h, w), float32 on the device."""
+        pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        latents = torch.cat([encode_frames(self.vae, pixels[i : i + 1], self.scale_factor, self.upscale) for i in range(len(pixels))])
+        return latents.permute(1, 0, 2, 3)[None]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -28,6 +28,7 @@ from ..errors import FifoStreamError, PeerExit
 from ..outputs.base import SinkError
 from ..pipeline import Decoder, FrameStream
 from .outputs import Outputs
+from .inputs import load_inputs
 from .rundir import RunDir, RunError, RunSpec, discard_after
 
 # Crash tests: "point:N" makes the process SIGKILL itself at a checkpoint step
@@ -93,7 +94,8 @@ def execute(run: RunDir | None, model, cfg: DictConfig, identity: str, progress:
     hands the checkpoint to the others, which compute their share of every tick.
     """
     spec, state = distributed.from_main(lambda: _open_state(run, identity, force))
-    stream = FrameStream(model, cfg, spec.schedule(cfg.storyboard.transition), spec.seed)
+    start, reference = distributed.from_main(lambda: load_inputs(spec, cfg, model.frames_per_window))
+    stream = FrameStream(model, cfg, spec.schedule(cfg.storyboard.transition), spec.seed, start, reference)
     try:
         if state is not None:
             stream.load_state_dict(state)

@@ -43,6 +43,10 @@ class RunSpec:
     checkpoint: str | None = None  # model checkpoint path (None: the config's)
     pipe_format: str = "matroska"
     storyboard: list[dict] | None = None  # [{frame, prompt}, ...] (None: ``prompt`` for the whole run)
+    inputs: dict[str, dict] | None = None  # the user's footage by role (init_image, init_video, reference): path, size, SHA-256
+    init_strength: float | None = None  # SDEdit strength of the init footage (None: the role's default)
+    fit: str = "crop"  # how footage is fitted to the video size: crop, pad or stretch
+    pad_short: bool = False  # an init video shorter than the window repeats its last frame
 
     def schedule(self, transition: int) -> Storyboard:
         return Storyboard.parse(self.storyboard or [self.prompt], transition)

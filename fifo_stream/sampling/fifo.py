@@ -151,14 +151,23 @@ class FifoEngine:
         self.queue = queue.to(self.device, torch.float32).clone()
         self.tick = 0
 
-    def start_from_clip(self, clip: torch.Tensor) -> None:
-        """Noise a clean clip of f latent frames (b, c, f, h, w) to the staggered levels."""
+    def start_from_clip(self, clip: torch.Tensor, continues: bool = False) -> None:
+        """Noise a clean clip of f latent frames (b, c, f, h, w) to the staggered levels.
+
+        As in the reference, the clip's first frame fills the low levels and its frames end at
+        the noisiest slot; with ``continues`` (a video to extend) slot j holds frame min(j, f - 1)
+        instead, so the clip sits at the low levels, in order, and the new frames grow from
+        noisier copies of its last frame.
+        """
         s = self.settings
         if clip.shape[2] != s.frames:
             raise FifoStreamError(f"base clip has {clip.shape[2]} frames; the model's window is {s.frames}")
         clip = clip.to(self.device, torch.float32)
         offset = s.steps - s.frames
-        frame = torch.tensor([0] * (s.queue_length - s.steps) + [max(0, i - offset) for i in range(s.steps)], device=self.device)
+        if continues:
+            frame = torch.arange(s.queue_length, device=self.device).clamp(max=s.frames - 1)
+        else:
+            frame = torch.tensor([0] * (s.queue_length - s.steps) + [max(0, i - offset) for i in range(s.steps)], device=self.device)
         x0 = clip[:, :, frame]
         eps = torch.randn(x0.shape, generator=self.generator, device=self.device)
         self.start_from_queue(self._a_t.sqrt() * x0 + (1 - self._a_t).sqrt() * eps)
