@@ -101,23 +101,17 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-def _read_inputs(args, cfg) -> dict[str, dict]:
-    """Check the footage flags, read the footage once (so that a bad file fails before anything is
-    written) and return its fingerprints by role."""
-    from .runs.inputs import load_inputs, record_inputs
-    from .runs.rundir import RunSpec
+def _footage(args, cfg) -> dict[str, dict]:
+    """Check the footage flags and return the footage's fingerprints by role."""
+    from .runs.inputs import record_inputs
 
-    init = args.init_image or args.init_video
-    if args.init_strength is not None and not (init and 0.0 <= args.init_strength <= 1.0):
+    if args.init_strength is not None and not ((args.init_image or args.init_video) and 0.0 <= args.init_strength <= 1.0):
         raise FifoStreamError(f"--init-strength {args.init_strength} needs --init-image or --init-video and a value from 0 to 1")
     if args.pad_short and not args.init_video:
         raise FifoStreamError("--pad-short applies to --init-video; give a video or drop it")
     r = cfg.consistency.refbank
     reference = r.reference if r.enabled and isinstance(r.reference, str) else None
-    inputs = record_inputs({"init_image": args.init_image, "init_video": args.init_video, "reference": reference})
-    spec = RunSpec("", 1, [], inputs=inputs, init_strength=args.init_strength, fit=args.fit, pad_short=args.pad_short)
-    load_inputs(spec, cfg, cfg.model.unet.temporal_length)
-    return inputs
+    return record_inputs({"init_image": args.init_image, "init_video": args.init_video, "reference": reference})
 
 
 def cmd_generate(args) -> None:
@@ -130,6 +124,7 @@ def cmd_generate(args) -> None:
     from .models.loading import load_model
     from .pipeline import check_world_size
     from .consistency.refbank import select_layers
+    from .runs.inputs import load_inputs
     from .runs.loop import execute
     from .runs.rundir import SEGMENTS, RunDir, RunSpec, fingerprint
     from .outputs.targets import validate_targets
@@ -151,7 +146,11 @@ def cmd_generate(args) -> None:
     if args.checkpoint_every < 1:
         raise FifoStreamError(f"--checkpoint-every must be >= 1 (got {args.checkpoint_every})")
     check_world_size(cfg)
-    inputs = _read_inputs(args, cfg)
+    spec = RunSpec(
+        storyboard.scenes[0][1], frames, list(args.out), args.seed, args.checkpoint_every, args.ckpt, args.pipe_format,
+        storyboard.to_json(), _footage(args, cfg), args.init_strength, args.fit, args.pad_short,
+    )
+    load_inputs(spec, cfg, cfg.model.unet.temporal_length)  # a bad file fails before anything is written
     slug = re.sub(r"[^a-z0-9]+", "-", storyboard.scenes[0][1].lower()).strip("-")[:40] or "run"
     run_dir = Path(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}")
     validate_targets(args.out, run_dir / SEGMENTS)
@@ -162,10 +161,6 @@ def cmd_generate(args) -> None:
     model.text_encoder.tokenizer([*storyboard.prompts, cfg.sampling.negative_prompt])  # refuse unknown words before writing anything
     if cfg.consistency.refbank.enabled:
         select_layers(model.unet, cfg.consistency.refbank.layers)  # refuse bad layers before creating the run
-    spec = RunSpec(
-        storyboard.scenes[0][1], frames, list(args.out), args.seed, args.checkpoint_every, args.ckpt, args.pipe_format,
-        storyboard.to_json(), inputs, args.init_strength, args.fit, args.pad_short,
-    )
     run = distributed.from_main(lambda: RunDir.create(run_dir, spec, cfg))
     try:
         execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet))
