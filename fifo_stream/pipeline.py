@@ -79,9 +79,9 @@ class FrameStream:
 
     With ``runtime.compile`` the ticks run a compiled U-Net (the base clip runs eagerly).
 
-    ``start`` begins the video from the user's footage (:class:`StartClip`); ``reference_image``
-    (H, W, 3) uint8 fills the reference bank (``consistency.refbank``) from that image instead of
-    an emitted frame, at the cost of one one-frame U-Net call per noise level and branch.
+    ``start`` begins the video from the user's footage (:class:`StartClip`); with
+    ``consistency.refbank`` enabled, ``reference_image`` (H, W, 3) uint8 fills the bank from that
+    image instead of an emitted frame, at the cost of one one-frame U-Net row per noise level and branch.
     """
 
     def __init__(
@@ -151,7 +151,7 @@ class FrameStream:
         b, c, h, w = self.latent_shape
         g = torch.Generator(device=self.model.device).manual_seed(self.seed)
         noise = torch.randn((b, c, self.settings.frames, h, w), generator=g, device=self.model.device)
-        if self.reference_image is not None:
+        if self.reference_image is not None and self.refbank is not None:
             self._record_reference()
         x0, strength = None, 1.0
         if self.start_clip is not None:  # an image is repeated over the window; a video's f frames are the window
