@@ -28,6 +28,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of a checkpoint you trust (can run code)")
 
 
+def _add_live_args(p: argparse.ArgumentParser) -> None:
+    from .live.progress import PROGRESS_MODES
+
+    p.add_argument("--quiet", action="store_true", help="no progress output (same as --progress none)")
+    p.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
+                   help="bar (on a terminal; the default), json (one JSON object per line on stderr, for programs) or none")
+    p.add_argument("--preview-every", type=int, default=0, metavar="K", help="write RUN_DIR/preview.jpg every K frames (atomically)")
+    p.add_argument("--serve", metavar="[HOST:]PORT", help="serve the live page (video, progress, a prompt box) on HOST (default 127.0.0.1):PORT; 0 picks a free port")
+    p.add_argument("--serve-token", metavar="TOKEN", help="token every request to --serve must carry (needed for any host other than loopback)")
+    p.add_argument("--prompts-from", metavar="FILE", help="live prompts, one per line: 'N: text' from frame N, 'text' as soon as possible; '-' reads stdin")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fifo-stream", description="Arbitrarily long text-to-video streaming with FIFO diagonal denoising.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -44,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--run-dir", default=None, help="where checkpoints and segments go (default: runs/DATE-TIME-PROMPT)")
     gen.add_argument("--checkpoint-every", type=int, default=100, metavar="K", help="checkpoint every K frames (default 100)")
-    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_live_args(gen)
     start = gen.add_mutually_exclusive_group()
     start.add_argument("--init-image", metavar="PATH", help="start the video from this image (PNG, JPEG, WebP; an animated image's first frame)")
     start.add_argument("--init-video", metavar="PATH", help="continue this video: its last frames (one window) start the generation")
@@ -58,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     res.add_argument("run_dir")
     res.add_argument("--force", action="store_true", help="use the checkpoint even if the config, model or init footage changed")
-    res.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_live_args(res)
     res.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of a model checkpoint you trust (can run code)")
 
     info = sub.add_parser("info", help="show a run's progress, config and outputs")
@@ -97,8 +109,57 @@ def _weights_path(cfg, ckpt: str | None) -> Path | None:
     return find_checkpoint(ckpt or cfg.model.checkpoint)
 
 
-def _progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+class _Live:
+    """A run's live side from the command line: progress, and with --serve or --prompts-from, live prompts."""
+
+    def __init__(self, args, frames: int, storyboard: list[dict], outputs: list[str]):
+        from .live import LiveControl, Progress
+        from .runs import distributed
+
+        if args.preview_every < 0:
+            raise FifoStreamError(f"--preview-every must be >= 0 (got {args.preview_every})")
+        mode = "none" if args.quiet else args.progress
+        self.progress = Progress(frames, storyboard, "none" if mode == "bar" and not sys.stderr.isatty() else mode)
+        self.preview_every = args.preview_every
+        self.control = LiveControl() if args.serve is not None or args.prompts_from else None
+        if self.control is not None and distributed.world_size() > 1:
+            raise FifoStreamError("--serve and --prompts-from run on a single process; drop them under torchrun")
+        if args.serve_token and args.serve is None:
+            raise FifoStreamError("--serve-token needs --serve [HOST:]PORT")
+        self.server = self.prompts = None
+        if args.serve is not None:
+            from .web import LiveServer
+
+            hls = next((Path(t) for t in outputs if t.endswith(".m3u8")), None)
+            self.server = LiveServer(args.serve, args.serve_token, self.progress, self.control, hls)
+        if args.prompts_from:
+            try:
+                self.prompts = sys.stdin if args.prompts_from == "-" else open(args.prompts_from, encoding="utf-8")
+            except OSError as e:
+                raise FifoStreamError(f"cannot read --prompts-from {args.prompts_from} ({e.strerror}); give a text file of 'N: prompt' lines or '-'") from None
+
+    def start(self) -> None:
+        """Start serving and reading prompts (after the checks, before the run begins)."""
+        from .live import read_prompts
+
+        if self.server is not None:
+            url = self.server.start()
+            self.progress.note({"event": "serving", "url": url}, f"live page at {url}")
+        if self.prompts is not None:
+            read_prompts(self.prompts, self.control)
+
+    def summary(self, line: str) -> None:
+        """The closing line on stderr (with --progress json, the ``finished`` event says it)."""
+        if self.progress.mode != "json":
+            print(line, file=sys.stderr)
+
+    def run(self, execute, *args, **kwargs) -> None:
+        """``execute(*args, **kwargs)`` with this progress, control and preview; the server stops after it."""
+        try:
+            execute(*args, progress=self.progress, control=self.control, preview_every=self.preview_every, **kwargs)
+        finally:
+            if self.server is not None:
+                self.server.stop()
 
 
 def _footage(args, cfg) -> dict[str, dict]:
@@ -126,7 +187,7 @@ def cmd_generate(args) -> None:
     from .consistency.refbank import select_layers
     from .runs.inputs import load_inputs
     from .runs.loop import execute
-    from .runs.rundir import SEGMENTS, RunDir, RunSpec, fingerprint
+    from .runs.rundir import LIVE_PLAYLIST, SEGMENTS, RunDir, RunSpec, fingerprint
     from .outputs.targets import validate_targets
     from .consistency.storyboard import Storyboard
 
@@ -146,14 +207,18 @@ def cmd_generate(args) -> None:
     if args.checkpoint_every < 1:
         raise FifoStreamError(f"--checkpoint-every must be >= 1 (got {args.checkpoint_every})")
     check_world_size(cfg)
-    spec = RunSpec(
-        storyboard.scenes[0][1], frames, list(args.out), args.seed, args.checkpoint_every, args.ckpt, args.pipe_format,
-        storyboard.to_json(), _footage(args, cfg), args.init_strength, args.fit, args.pad_short,
-    )
-    load_inputs(spec, cfg, cfg.model.unet.temporal_length)  # a bad file fails before anything is written
     slug = re.sub(r"[^a-z0-9]+", "-", storyboard.scenes[0][1].lower()).strip("-")[:40] or "run"
     run_dir = Path(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}")
-    validate_targets(args.out, run_dir / SEGMENTS)
+    outputs = list(args.out)
+    if args.serve is not None and not any(t.endswith(".m3u8") for t in outputs):
+        outputs.append(str(run_dir / LIVE_PLAYLIST))  # the page's video
+    spec = RunSpec(
+        storyboard.scenes[0][1], frames, outputs, args.seed, args.checkpoint_every, args.ckpt, args.pipe_format,
+        storyboard.to_json(), _footage(args, cfg), args.init_strength, args.fit, args.pad_short,
+    )
+    live = _Live(args, frames, storyboard.to_json(), outputs)
+    load_inputs(spec, cfg, cfg.model.unet.temporal_length)  # a bad file fails before anything is written
+    validate_targets(outputs, run_dir / SEGMENTS)
     distributed.from_main(lambda: RunDir.check_new(run_dir))
     weights = _weights_path(cfg, args.ckpt)
     with distributed.all_ranks():
@@ -161,13 +226,14 @@ def cmd_generate(args) -> None:
     model.text_encoder.tokenizer([*storyboard.prompts, cfg.sampling.negative_prompt])  # refuse unknown words before writing anything
     if cfg.consistency.refbank.enabled:
         select_layers(model.unet, cfg.consistency.refbank.layers)  # refuse bad layers before creating the run
+    live.start()
     run = distributed.from_main(lambda: RunDir.create(run_dir, spec, cfg))
     try:
-        execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet))
+        live.run(execute, run, model, cfg, fingerprint(cfg, weights))
     finally:
         run.release()
     if distributed.is_main():
-        print(f"wrote {frames} frames; run directory {run_dir}", file=sys.stderr)
+        live.summary(f"wrote {frames} frames; run directory {run_dir}")
 
 
 def cmd_resume(args) -> None:
@@ -188,15 +254,17 @@ def cmd_resume(args) -> None:
 
     # Only rank 0 needs to see the run directory (other nodes may not share its file system).
     run, spec, cfg = distributed.from_main(open_run)
-    weights = _weights_path(cfg, spec.checkpoint)
-    with distributed.all_ranks():
-        model = load_model(cfg, spec.checkpoint, trust=args.trust_checkpoint)
     try:
-        execute(run, model, cfg, fingerprint(cfg, weights), progress=_progress(args.quiet), force=args.force)
+        live = _Live(args, spec.frames, spec.schedule(cfg.storyboard.transition).to_json(), spec.outputs)
+        weights = _weights_path(cfg, spec.checkpoint)
+        with distributed.all_ranks():
+            model = load_model(cfg, spec.checkpoint, trust=args.trust_checkpoint)
+        live.start()
+        live.run(execute, run, model, cfg, fingerprint(cfg, weights), force=args.force)
     finally:
         run.release()
     if distributed.is_main():
-        print(f"finished {spec.frames} frames; run directory {run.path}", file=sys.stderr)
+        live.summary(f"finished {spec.frames} frames; run directory {run.path}")
 
 
 def cmd_info(args) -> None:

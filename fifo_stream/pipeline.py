@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .consistency.qcache import QCache
 from .consistency.refbank import RefBank
-from .consistency.storyboard import Storyboard
+from .consistency.storyboard import Scene, Storyboard, StoryboardError
 from .errors import FifoStreamError
 from .models.loading import DTYPES, VideoModel, compile_unet
 from .runs import distributed
@@ -99,9 +99,9 @@ class FrameStream:
         vae_factor = model.spatial_factor
         self.latent_shape = (1, model.unet.in_channels, cfg.video.height // vae_factor, cfg.video.width // vae_factor)
         self.seed = seed
-        self.storyboard = prompt if isinstance(prompt, Storyboard) else Storyboard(((0, prompt),))
+        self.storyboard = prompt if isinstance(prompt, Storyboard) else Storyboard((Scene(0, prompt),))
         encoded = {p: model.encode_text([p]) for p in self.storyboard.prompts}
-        self.scene_contexts = torch.cat([encoded[p] for _, p in self.storyboard.scenes])
+        self.scene_contexts = torch.cat([encoded[s.prompt] for s in self.storyboard.scenes])
         self.cond = self.scene_contexts[:1]
         self.uncond = model.encode_text([cfg.sampling.negative_prompt])
         self.skip = settings.warmup_frames if cfg.sampling.discard_warmup else 0
@@ -190,6 +190,25 @@ class FrameStream:
             if self.engine.tick > self.skip:
                 self.emitted += 1
                 return z
+
+    @property
+    def live_frame(self) -> int:
+        """The first emitted frame a prompt added now can condition: the one entering the queue's tail next tick.
+
+        Every frame before it is already in the queue (or emitted) under its own context, so an
+        added scene that starts here changes nothing before it, and a resume with the scene in
+        the storyboard from the start makes the same frames.
+        """
+        slots = self.settings.queue_length - 1 - self.settings.emit_slot  # ticks from the tail slot to emission
+        return max(self.engine.tick + slots - self.skip, 1)
+
+    def add_scene(self, frame: int, prompt: str, transition: int | None = None) -> None:
+        """Append a scene from emitted frame ``frame`` (>= :attr:`live_frame`) to the storyboard."""
+        if frame < self.live_frame:
+            raise StoryboardError(f"frame {frame} is already in the queue; a prompt can start at frame {self.live_frame} or later")
+        storyboard = self.storyboard.add(frame, prompt, transition)
+        context = self.model.encode_text([prompt])
+        self.storyboard, self.scene_contexts = storyboard, torch.cat([self.scene_contexts, context])
 
     def _contexts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This tick's (cond, uncond): one context, or one per queue slot (1, L, n, d) for a storyboard."""

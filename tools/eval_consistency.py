@@ -2,12 +2,14 @@
 
     python tools/eval_consistency.py out.mp4 --prompt "a red circle moves left on a black background" --json out.json
 
-Each frame's object color and shape are measured with pixel statistics
-(``fifo_stream.world.classify_frame``). Reported: prompt accuracy (fraction of frames
-whose classes match the prompt), identity retention (fraction equal to frame 0's),
-the longest run of frames that lost frame 0's identity, and temporal flicker
-(1 - mean |frame_i - frame_(i-1)| / 255). A PNG plot over time is written next to
-the JSON (or to ``--plot``).
+Each frame's object body color, shape and hat color are measured with pixel statistics
+(``fifo_stream.world.read_frame``). Reported: prompt accuracy (fraction of frames whose
+reading matches what the prompt names), identity retention (fraction equal to frame 0's in
+all three), the longest run of frames that lost frame 0's identity, temporal flicker
+(1 - mean |frame_i - frame_(i-1)| / 255), and for each attribute the prompt leaves open
+(the hat; the body color when unnamed): retention, changes per 1,000 frames (a new value
+held for 4 frames or more), frames until the first change, misread frames. A PNG plot of
+each attribute over time is written next to the JSON (or to ``--plot``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fifo_stream import world  # noqa: E402
+
+HOLD = 4  # frames a new value must hold to count as a change, not a misread
 
 
 def read_frames(path: str | Path) -> list[np.ndarray]:
@@ -43,52 +47,102 @@ def longest_run(flags: np.ndarray) -> int:
     return best
 
 
+def runs(values: list) -> list[tuple[int, int, object]]:
+    """(start, length, value) of each run of equal consecutive values."""
+    out = []
+    for i, v in enumerate(values):
+        if out and out[-1][2] == v:
+            out[-1] = (out[-1][0], out[-1][1] + 1, v)
+        else:
+            out.append((i, 1, v))
+    return out
+
+
+def identity(values: list, hold: int = HOLD) -> dict:
+    """How well one attribute keeps frame 0's value over a video.
+
+    A change is a new value (not None) held for ``hold`` or more consecutive frames; shorter
+    departures from the value in force are misreads of the evaluator, counted apart.
+    """
+    current, changes, first_change, misread = values[0], 0, None, 0
+    for start, length, value in runs(values):
+        if value == current:
+            continue
+        if length >= hold and value is not None:
+            current, changes = value, changes + 1
+            first_change = start if first_change is None else first_change
+        else:
+            misread += length
+    return {
+        "frame0": values[0],
+        "retention": float(np.mean([v == values[0] for v in values])),
+        "changes": changes,
+        "changes_per_1000": 1000 * changes / len(values),
+        "first_change": first_change,  # None: never changed
+        "misread_frames": misread,
+    }
+
+
 def evaluate(frames: list[np.ndarray], prompt: str) -> dict:
-    """Consistency metrics of ``frames`` for a single-object ``prompt``, with per-frame classes."""
+    """Metrics of ``frames`` for a single-object ``prompt``, with per-frame readings.
+
+    Prompt accuracy counts what the prompt names (the shape; the body color unless left
+    open). ``open`` holds :func:`identity` for each attribute the prompt leaves open: the hat
+    always, the body color when the prompt does not name it.
+    """
     pairs, _, _ = world.parse_caption(prompt)
     if len(pairs) != 1:
-        raise SystemExit(f"error: the prompt must name exactly one '<color> <shape>' (got {len(pairs)}): {prompt!r}")
+        raise SystemExit(f"error: the prompt must name exactly one '[color] <shape>' (got {len(pairs)}): {prompt!r}")
     if not frames:
         raise SystemExit("error: the video has no frames")
-    classes = [world.classify_frame(f) for f in frames]
-    target = pairs[0]
-    correct = np.array([c == target for c in classes])
-    lost = np.array([c != classes[0] for c in classes])
+    readings = [world.read_frame(f) for f in frames]
+    color, shape = pairs[0]
+    color_ok = [color is None or r.color == color for r in readings]
+    shape_ok = [r.shape == shape for r in readings]
+    lost = np.array([r != readings[0] for r in readings])
+    open_attrs = ("hat",) if color else ("color", "hat")
     stack = np.stack(frames).astype(np.float32)
     diffs = np.abs(np.diff(stack, axis=0)).mean(axis=(1, 2, 3)) / 255 if len(frames) > 1 else np.zeros(0)
     return {
         "prompt": prompt,
         "frames": len(frames),
-        "prompt_accuracy": float(correct.mean()),
-        "color_accuracy": float(np.mean([c[0] == target[0] for c in classes])),
-        "shape_accuracy": float(np.mean([c[1] == target[1] for c in classes])),
+        "prompt_accuracy": float(np.mean(np.logical_and(color_ok, shape_ok))),
+        "color_accuracy": float(np.mean(color_ok)) if color else None,
+        "shape_accuracy": float(np.mean(shape_ok)),
         "identity_retention": float(1 - lost.mean()),
         "longest_identity_loss": longest_run(lost),
         "flicker": float(1 - diffs.mean()) if len(diffs) else 1.0,
-        "first_frame_classes": list(classes[0]),
-        "per_frame": {"classes": [list(c) for c in classes], "diff": [round(float(d), 5) for d in diffs]},
+        "first_frame": list(readings[0]),
+        "open": {a: identity([getattr(r, a) for r in readings]) for a in open_attrs},
+        "per_frame": {"readings": [list(r) for r in readings], "diff": [round(float(d), 5) for d in diffs]},
     }
 
 
 def plot(report: dict, path: Path) -> None:
+    """Each attribute's reading over time (palette colors as colored dots), and the frame differences."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs, _, _ = world.parse_caption(report["prompt"])
-    classes = report["per_frame"]["classes"]
-    t = np.arange(len(classes))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 4.5), sharex=True)
-    top.step(t, [c[0] == pairs[0][0] for c in classes], where="mid", label="color matches prompt")
-    top.step(t, [0.96 * (c[1] == pairs[0][1]) for c in classes], where="mid", label="shape matches prompt")
-    top.step(t, [0.92 * (c == classes[0]) for c in classes], where="mid", label="same as frame 0")
-    top.set_yticks([0, 1], ["no", "yes"])
-    top.legend(loc="lower left", fontsize=8)
-    top.set_title(f"{report['prompt']}: accuracy {report['prompt_accuracy']:.3f}, identity {report['identity_retention']:.3f}")
-    bottom.plot(t[1:], report["per_frame"]["diff"], lw=0.8)
-    bottom.set_ylabel("|frame_i - frame_i-1| / 255")
-    bottom.set_xlabel("frame")
+    readings = report["per_frame"]["readings"]
+    t = np.arange(len(readings))
+    attrs = ("color", "shape", "hat")
+    fig, axes = plt.subplots(len(attrs) + 1, 1, figsize=(10, 6), sharex=True)
+    for ax, (i, attr) in zip(axes, enumerate(attrs)):
+        levels = list(world.SHAPES) if attr == "shape" else list(world.COLORS)
+        values = [r[i] for r in readings]
+        y = [levels.index(v) if v in levels else -1 for v in values]
+        dots = [np.asarray(world.COLORS[v]) / 255 if attr != "shape" and v else (0.3, 0.3, 0.3) for v in values]
+        ax.scatter(t, y, c=dots, s=4, marker="s")
+        ax.set_yticks(range(-1, len(levels)), ["none", *levels], fontsize=7)
+        note = f"retention {report['open'][attr]['retention']:.3f}, {report['open'][attr]['changes']} changes" if attr in report["open"] else "named by the prompt"
+        ax.set_ylabel(attr)
+        ax.set_title(f"{attr}: {note}", fontsize=8, loc="left")
+    axes[0].set_title(f"{report['prompt']}: accuracy {report['prompt_accuracy']:.3f}, identity {report['identity_retention']:.3f}", fontsize=9)
+    axes[-1].plot(t[1:], report["per_frame"]["diff"], lw=0.8)
+    axes[-1].set_ylabel("frame diff", fontsize=8)
+    axes[-1].set_xlabel("frame")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -106,6 +160,7 @@ def main(argv=None) -> None:
     out.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, Path(args.plot) if args.plot else out.with_suffix(".png"))
     summary = {k: report[k] for k in ("frames", "prompt_accuracy", "identity_retention", "longest_identity_loss", "flicker")}
+    summary["open"] = {a: {k: v for k, v in m.items() if k in ("retention", "changes_per_1000", "first_change")} for a, m in report["open"].items()}
     print(json.dumps(summary))
 
 

@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train_vae import add_args as add_vae_args  # noqa: E402
-from train_vae import optimizer_step, train_vae  # noqa: E402
+from train_vae import init_weights, optimizer_step, train_vae  # noqa: E402
 
 from fifo_stream import world  # noqa: E402
 from fifo_stream.models.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, save_safetensors  # noqa: E402
@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--focus", type=float, default=0.75, help="fraction of one-timestep batches drawn from the sampler's FIFO levels")
     p.add_argument("--offset-noise", type=float, default=0.3, help="weight of a per-clip constant, one per color (pixel_shuffle) or latent channel, added to the noise")
     p.add_argument("--coarse-noise", type=float, default=0.2, help="weight of a per-clip 4x4 noise field, upsampled, added to the noise")
+    p.add_argument("--init", default=None, help="fine-tune: start the U-Net, text encoder and VAE from these exported weights (a .safetensors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--device", default="auto")
@@ -217,10 +218,14 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     unet, text = build(cfg)
     zero_init(unet)
+    init = init_weights(cfg, args.init) if args.init else None
+    if init:
+        unet.load_state_dict(init.unet.state_dict())
+        text.tower.load_state_dict(init.text_encoder.tower.state_dict())
     model = torch.nn.ModuleDict({"unet": unet, "text": text}).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.model.vae.type == "autoencoder_kl":
-        codec = train_vae(cfg, args, device)
+        codec = train_vae(cfg, args, device, init.vae if init else None)
     else:
         codec = build_vae(OmegaConf.to_container(cfg.model.vae)).to(device)
     shared = codec.factor**2 if isinstance(codec, PixelShuffleCodec) else 1

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fifo_stream import world  # noqa: E402
 from fifo_stream.config import load_config  # noqa: E402
 from fifo_stream.durable import atomic_write  # noqa: E402
+from fifo_stream.models.loading import load_model  # noqa: E402
 from fifo_stream.models.vae import build_vae, encode_frames  # noqa: E402
 
 
@@ -53,6 +54,11 @@ def frames(cfg, step: int, args) -> torch.Tensor:
     return F.avg_pool2d(x, cfg.model.vae.upscale)
 
 
+def init_weights(cfg, path: str):
+    """The exported model at ``path`` (fp32, on the CPU), to fine-tune from."""
+    return load_model(OmegaConf.merge(cfg, {"runtime": {"device": "cpu", "dtype": "fp32"}}), path)
+
+
 def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
     """One step at learning rate ``lr``, gradients clipped to norm 1."""
     for group in opt.param_groups:
@@ -68,10 +74,13 @@ def lr_at(step: int, args) -> float:
     return args.vae_lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
 
 
-def train_vae(cfg, args, device: torch.device):
-    """The trained (or resumed, once finished) first stage, frozen, in eval mode."""
+def train_vae(cfg, args, device: torch.device, init: torch.nn.Module | None = None):
+    """The trained (or resumed, once finished) first stage, frozen, in eval mode; ``init`` is a VAE to fine-tune."""
     torch.manual_seed(args.seed)
-    vae = build_vae(OmegaConf.to_container(cfg.model.vae)).to(device).train().requires_grad_(True)
+    vae = build_vae(OmegaConf.to_container(cfg.model.vae))
+    if init is not None:
+        vae.load_state_dict(init.state_dict())
+    vae = vae.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     path, step = Path(args.vae_state), 0
     if path.exists():
@@ -112,11 +121,13 @@ def main(argv=None) -> None:
     p.add_argument("--config", default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--init", default=None, help="fine-tune the VAE of these exported weights (a .safetensors)")
     add_args(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_vae(load_config(args.config), args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = load_config(args.config)
+    train_vae(cfg, args, torch.device("cuda" if torch.cuda.is_available() else "cpu"), init_weights(cfg, args.init).vae if args.init else None)
 
 
 if __name__ == "__main__":

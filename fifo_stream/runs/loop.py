@@ -21,10 +21,10 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from . import distributed
 from ..errors import FifoStreamError, PeerExit
+from ..live import LiveControl, Progress, write_preview
 from ..outputs.base import SinkError
 from ..pipeline import Decoder, FrameStream
 from .outputs import Outputs
@@ -85,13 +85,20 @@ def _open_state(run: RunDir, identity: str, force: bool) -> tuple[RunSpec, dict 
     return run.spec, state["stream"] if state is not None else None
 
 
-def execute(run: RunDir | None, model, cfg: DictConfig, identity: str, progress: bool = True, force: bool = False) -> None:
+def execute(
+    run: RunDir | None, model, cfg: DictConfig, identity: str, progress: Progress | None = None, force: bool = False,
+    control: LiveControl | None = None, preview_every: int = 0,
+) -> None:
     """Generate (or continue) the run until all its frames are written, checkpointing as it goes.
 
     ``identity`` is the :func:`fingerprint` of ``cfg`` and the weights; a checkpoint made
     under another identity is refused unless ``force``. Under torchrun every rank calls
     this: rank 0 reads and writes the run directory (``run`` may be None elsewhere) and
     hands the checkpoint to the others, which compute their share of every tick.
+
+    ``progress`` reports frames, checkpoints and prompt changes (none if None); ``control``
+    brings live prompts (one process only); every ``preview_every`` frames the latest
+    frame is written to the run directory's preview.jpg.
     """
     spec, state = distributed.from_main(lambda: _open_state(run, identity, force))
     start, reference = distributed.from_main(lambda: load_inputs(spec, cfg, model.frames_per_window))
@@ -103,11 +110,14 @@ def execute(run: RunDir | None, model, cfg: DictConfig, identity: str, progress:
             _follow(stream, spec)
             return
         followers = _Followers(stream, spec)
+        live = _Live(progress or Progress(spec.frames, [], "none"), control, preview_every)
         try:
-            _Leader(run, stream, spec, cfg, identity, progress, followers).run()
+            _Leader(run, stream, spec, cfg, identity, live, followers).run()
         except BaseException as e:
             followers.release(getattr(e, "exit_code", 1))
             raise
+        finally:
+            live.stop()
     finally:
         stream.close()
 
@@ -151,6 +161,18 @@ class _Followers:
             distributed.agree(code)
 
 
+class _Live:
+    """What watches and steers the frame loop: progress, live prompts, the preview image."""
+
+    def __init__(self, progress: Progress, control: LiveControl | None, preview_every: int):
+        self.progress, self.control, self.preview_every = progress, control, preview_every
+
+    def stop(self) -> None:
+        self.progress.close()
+        if self.control is not None:
+            self.control.refuse_waiting("the run has stopped")
+
+
 class _Leader:
     """Rank 0 (or the only process): the frame loop with outputs, manifest and checkpoints.
 
@@ -158,7 +180,7 @@ class _Leader:
     written after it; that one-frame lag is drained before every checkpoint.
     """
 
-    def __init__(self, run: RunDir, stream: FrameStream, spec: RunSpec, cfg: DictConfig, identity: str, progress: bool,
+    def __init__(self, run: RunDir, stream: FrameStream, spec: RunSpec, cfg: DictConfig, identity: str, live: _Live,
                  followers: _Followers):
         self.run_dir, self.stream, self.spec, self.identity, self.followers = run, stream, spec, identity, followers
         self.manifest = discard_after(run, run.manifest, stream.emitted)
@@ -167,7 +189,8 @@ class _Leader:
         self.checkpoints = 0
         self.decoder = Decoder(stream, cfg.runtime.overlap_decode)
         self.pending: deque[Future] = deque()  # frames computed but not yet written, oldest first
-        self.bar = tqdm(total=spec.frames, initial=stream.emitted, unit="frame", disable=not progress, dynamic_ncols=True)
+        self.live, self.progress = live, live.progress
+        self.progress.start(stream.emitted)
 
     def checkpoint(self) -> None:
         """Cut the segments, then replace the manifest, then the engine state (each step a crash point).
@@ -183,6 +206,7 @@ class _Leader:
             self.manifest["frames_written"] = self.stream.emitted
             self.run_dir.write_manifest(self.manifest, lambda: _fault("manifest", count))
             self.run_dir.save_state({"stream": self.stream.state_dict(), "fingerprint": self.identity}, lambda: _fault("state", count))
+            self.progress.checkpoint()
         except OSError as e:
             raise OutputLost(
                 f"writing the checkpoint in {self.run_dir.path} failed ({e.strerror}); the run is saved at frame {saved}: "
@@ -199,14 +223,41 @@ class _Leader:
             except SinkError:
                 if not failed:
                     raise
-            self.bar.update(1)
-            _fault("frame", len(self.manifest["frame_sha256"]))
+            done = len(self.manifest["frame_sha256"])
+            self.progress.frame(self.stream.storyboard.prompt_at(done - 1))
+            if self.live.preview_every and done % self.live.preview_every == 0:
+                write_preview(self.run_dir.path, frame)
+            _fault("frame", done)
+
+    def take_prompt(self) -> None:
+        """Apply one waiting live prompt: check it, record it in run.json, then add it to the stream."""
+        request = self.live.control.take() if self.live.control is not None else None
+        if request is None:
+            return
+        try:
+            frame = self.stream.live_frame if request.frame is None else request.frame
+            if frame >= self.spec.frames:
+                raise FifoStreamError(f"frame {frame} is past the video's last frame ({self.spec.frames - 1})")
+            self.stream.model.text_encoder.tokenizer([request.prompt])
+            storyboard = self.stream.storyboard.add(frame, request.prompt, request.transition)
+            if frame < self.stream.live_frame:
+                raise FifoStreamError(f"frame {frame} is already in the queue; a prompt can start at frame {self.stream.live_frame} or later")
+        except FifoStreamError as e:
+            self.progress.error(f"prompt refused ({request.source}): {e}")
+            request.answer.set_exception(e)
+            return
+        self.spec.storyboard = storyboard.to_json()
+        self.run_dir.write_spec(self.spec)
+        self.stream.add_scene(frame, request.prompt, request.transition)
+        self.progress.scene(frame, request.prompt, request.transition, request.source)
+        request.answer.set_result(frame)
 
     def frames(self) -> int:
         """Generate and write frames until all are done or a signal stops the job; returns its exit code (0: none)."""
         code = 0
         with _StopFlag() as stop:
             while self.stream.emitted < self.spec.frames:
+                self.take_prompt()
                 code, z = self.followers.advance(stop.code)
                 if code:
                     break
@@ -232,7 +283,6 @@ class _Leader:
                 self.write_pending(failed=True)
                 self.checkpoint()
         finally:
-            self.bar.close()
             self.decoder.close()
             try:
                 self.outputs.close()
@@ -246,6 +296,7 @@ class _Leader:
         self.outputs.verify(self.spec.frames)
         self.manifest["finished"] = True
         self.run_dir.write_manifest(self.manifest)
+        self.progress.note({"event": "finished", "frame": self.spec.frames})
 
     def _stopped(self, failure: SinkError | None, code: int) -> None:
         """Raise why the run stopped early: an output lost, or a signal (exit ``code``)."""

@@ -27,6 +27,7 @@ from ..errors import FifoStreamError
 from . import lock
 
 RUN_FILE, MANIFEST, STATE, CONFIG, SEGMENTS = "run.json", "manifest.json", "state.pt", "config.yaml", "segments"
+LIVE_PLAYLIST = "live/index.m3u8"  # the HLS output --serve adds when no --out is a playlist
 
 
 class RunError(FifoStreamError):
@@ -119,8 +120,12 @@ class RunDir:
         cls.check_new(path)  # another process may have created it meanwhile
         atomic_write(run.path / CONFIG, OmegaConf.to_yaml(cfg).encode())
         run.write_manifest({"frames_written": 0, "frame_sha256": [], "segments": {}, "finished": False})
-        atomic_write(run.path / RUN_FILE, json.dumps(asdict(spec), indent=1).encode())
+        run.write_spec(spec)
         return run
+
+    def write_spec(self, spec: RunSpec) -> None:
+        """Replace run.json (a live prompt extends the storyboard before it is applied)."""
+        atomic_write(self.path / RUN_FILE, json.dumps(asdict(spec), indent=1).encode())
 
     @classmethod
     def open(cls, path: str | os.PathLike, writer: bool = False) -> RunDir:

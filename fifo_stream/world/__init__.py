@@ -7,12 +7,14 @@ measuring consistency (``tools/eval_consistency.py``). Captions follow a small g
 ``"a red circle and a blue square move on a gray background"``.
 """
 
-from .reader import classify_frame
+from .reader import Reading, classify_frame, read_frame
 from .scenes import (
     SHAPES,
     COLORS,
     BACKGROUNDS,
     DIRECTIONS,
+    OPEN_COLOR,
+    HAT,
     VOCAB,
     WorldObject,
     Scene,

@@ -1,41 +1,84 @@
-"""Reading a frame of the world back: the main object's color and shape, by pixel statistics."""
+"""Reading a frame of the world back: the main object's body color, shape and hat, by pixel statistics."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
 from .scenes import COLORS
 
 
+class Reading(NamedTuple):
+    """What a frame shows of its main object (None where it cannot be read)."""
+
+    color: str | None  # the body color
+    shape: str | None
+    hat: str | None  # the hat's color
+
+
 def classify_frame(frame: np.ndarray, threshold: float = 40.0) -> tuple[str | None, str | None]:
-    """(color, shape) of the main object in a frame of this world, by pixel statistics.
+    """(color, shape) of the main object in a frame of this world: :func:`read_frame` without the hat."""
+    return read_frame(frame, threshold)[:2]
+
+
+def read_frame(frame: np.ndarray, threshold: float = 40.0) -> Reading:
+    """Body color, shape and hat color of the main object in a frame of this world, by pixel statistics.
 
     The background is each row's median color (backgrounds vary only vertically);
     pixels further than ``threshold`` from it are foreground. Each foreground pixel
     takes the nearest palette color; the most common color's largest 4-connected
-    blob is the object. Its shape follows from how much of its bounding box it fills
-    (square 1, circle pi/4, triangle 1/2). None where no object is found.
+    blob is the body. The hat is the most common other color in the band of rows just above
+    the body, over the body's columns. The shape follows from how much of its bounding box
+    body and hat fill (square 1, circle pi/4, triangle 1/2) and
+    from whether it is much narrower at the top (a triangle).
     """
     rgb = frame.astype(np.float32)
     background = np.median(rgb, axis=1, keepdims=True)
     foreground = np.abs(rgb - background).max(axis=2) > threshold
     if foreground.sum() < 12:
-        return None, None
+        return Reading(None, None, None)
+    names = list(COLORS)
     palette = np.asarray(list(COLORS.values()), dtype=np.float32)
-    nearest = np.linalg.norm(rgb[foreground][:, None] - palette[None], axis=2).argmin(axis=1)
-    color_index = int(np.bincount(nearest, minlength=len(palette)).argmax())
-    mask = np.zeros(foreground.shape, dtype=bool)
-    mask[foreground] = nearest == color_index
-    core = _largest_blob(_open3(mask))
-    blob = mask & _grow3(core)  # the opening found the object; take back its thin tips
-    if blob.sum() < 12:
-        return list(COLORS)[color_index], None
-    widths, heights = (np.trim_zeros(blob.sum(axis=axis)).astype(np.float64) for axis in (1, 0))
+    nearest = np.full(foreground.shape, -1)
+    nearest[foreground] = np.linalg.norm(rgb[foreground][:, None] - palette[None], axis=2).argmin(axis=1)
+    color_index = int(np.bincount(nearest[foreground], minlength=len(palette)).argmax())
+    body = _object_mask(nearest == color_index)
+    if body.sum() < 12:
+        return Reading(names[color_index], None, None)
+    hat_index, hat = _hat(nearest, body, color_index)
+    obj = foreground & _grow3(body | hat)  # with the blended pixels between body and hat
+    widths, heights = (np.trim_zeros(obj.sum(axis=axis)).astype(np.float64) for axis in (1, 0))
     full = max((widths >= 0.9 * widths.max()).mean(), (heights >= 0.9 * heights.max()).mean())
-    rows = np.arange(len(widths))
-    widening = np.corrcoef(rows, widths)[0, 1] if len(widths) > 2 and widths.std() > 0 else 0.0
-    shape = "square" if full >= 0.75 else "triangle" if widening >= 0.7 else "circle"
-    return list(COLORS)[color_index], shape
+    half = len(widths) // 2  # a triangle's top half is a third as wide as its bottom half; a circle's halves match
+    tapers = widths[:half].sum() < 0.6 * widths[len(widths) - half :].sum()
+    shape = "square" if full >= 0.75 else "triangle" if tapers else "circle"
+    return Reading(names[color_index], shape, None if hat_index is None else names[hat_index])
+
+
+def _object_mask(mask: np.ndarray) -> np.ndarray:
+    """The largest blob of ``mask`` after an opening, with the thin tips the opening cut off."""
+    return mask & _grow3(_largest_blob(_open3(mask)))
+
+
+def _hat(nearest: np.ndarray, body: np.ndarray, body_index: int) -> tuple[int | None, np.ndarray]:
+    """(palette index, mask) of the hat above ``body``; (None, empty) where there is none.
+
+    The hat is the top third of the object, so it spans half the body's height above the body's
+    top row; a pixel or two of slack covers blurred edges.
+    """
+    rows, cols = np.nonzero(body)
+    top, height = rows.min(), rows.max() - rows.min() + 1
+    band = np.zeros(body.shape, dtype=bool)
+    band[max(0, top - (height + 1) // 2 - 1) : top + 2, cols.min() : cols.max() + 1] = True
+    candidates = nearest[band & ~body & (nearest >= 0) & (nearest != body_index)]
+    if candidates.size < 4:
+        return None, np.zeros_like(body)
+    index = int(np.bincount(candidates).argmax())
+    hat = _object_mask(band & (nearest == index))
+    if hat.sum() < 4:
+        return None, np.zeros_like(body)
+    return index, hat
 
 
 def _neighborhoods(mask: np.ndarray, fill: bool) -> np.ndarray:

@@ -1,4 +1,10 @@
-"""The world's scenes: the palette, the caption grammar, random and captioned scenes, and rendering."""
+"""The world's scenes: the palette, the caption grammar, random and captioned scenes, and rendering.
+
+Every object wears a hat: the top third of its bounding box drawn in a second palette color,
+never its body color, that no caption names. A third of the captions leave the body color out
+too. Both stay fixed for a clip, so they are identity the prompt leaves open: what a long video
+must keep without being told (the Santa test, tools/santa.py).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ BACKGROUNDS = {  # top and bottom color of a vertical gradient
     "gradient": ((30, 30, 90), (130, 130, 170)),
 }
 DIRECTIONS = ("left", "right", "up", "down")
+OPEN_COLOR = 1 / 3  # fraction of captioned objects whose body color the caption leaves out
+HAT = 1 / 3  # the hat's share of the object's height, from the top
 VOCAB = ("a", "and", "moves", "move", "on", "background", *SHAPES, *COLORS, *BACKGROUNDS, *DIRECTIONS)
 
 
@@ -33,6 +41,8 @@ class WorldObject:
     radius: float  # half the side of the bounding box, in pixels
     position: tuple[float, float]  # center (x, y) in frame 0
     velocity: tuple[float, float]  # pixels per frame
+    hat: str  # the hat's color: never the body color, never named by a caption
+    color_named: bool = True  # whether the caption names the body color
 
     @property
     def direction(self) -> str:
@@ -53,17 +63,19 @@ class Scene:
 
 
 def caption(objects, background: str) -> str:
+    names = [f"a {o.color} {o.shape}" if o.color_named else f"a {o.shape}" for o in objects]
     if len(objects) == 1:
-        o = objects[0]
-        return f"a {o.color} {o.shape} moves {o.direction} on a {background} background"
-    names = " and ".join(f"a {o.color} {o.shape}" for o in objects)
-    return f"{names} move on a {background} background"
+        return f"{names[0]} moves {objects[0].direction} on a {background} background"
+    return f"{' and '.join(names)} move on a {background} background"
 
 
-def parse_caption(text: str) -> tuple[list[tuple[str, str]], str | None, str | None]:
-    """(color, shape) pairs, background and direction named in a caption (None where absent)."""
+def parse_caption(text: str) -> tuple[list[tuple[str | None, str]], str | None, str | None]:
+    """(color, shape) pairs, background and direction named in a caption (None where absent).
+
+    A shape without a color before it gives the pair (None, shape): the body color is left open.
+    """
     words = re.findall(r"[a-z]+", text.lower())
-    pairs = [(a, b) for a, b in zip(words, words[1:]) if a in COLORS and b in SHAPES]
+    pairs = [(before if before in COLORS else None, w) for before, w in zip(["", *words], words) if w in SHAPES]
     background = next((w for w, nxt in zip(words, words[1:]) if w in BACKGROUNDS and nxt == "background"), None)
     direction = next((w for w in words if w in DIRECTIONS), None)
     return pairs, background, direction
@@ -73,10 +85,15 @@ def scene_from_caption(text: str, size: int, seed: int) -> Scene:
     """A random scene that matches ``text`` (its objects, background and direction)."""
     pairs, background, direction = parse_caption(text)
     if not pairs:
-        raise ValueError(f"caption {text!r} names no '<color> <shape>'; colors: {', '.join(COLORS)}; shapes: {', '.join(SHAPES)}")
+        raise ValueError(f"caption {text!r} names no '[color] <shape>'; colors: {', '.join(COLORS)}; shapes: {', '.join(SHAPES)}")
     rng = np.random.default_rng(seed)
     bg = background or str(rng.choice(list(BACKGROUNDS)))
-    objects = tuple(_random_object(rng, size, color, shape, direction if len(pairs) == 1 else None) for color, shape in pairs)
+    named = [c for c, _ in pairs if c]
+    open_colors = iter(rng.permutation([c for c in COLORS if c not in named]))
+    objects = tuple(
+        _random_object(rng, size, color or str(next(open_colors)), shape, direction if len(pairs) == 1 else None, color is not None)
+        for color, shape in pairs
+    )
     return Scene(objects, bg)
 
 
@@ -85,11 +102,11 @@ def random_scene(size: int, seed: int, two_objects: float = 0.25) -> Scene:
     rng = np.random.default_rng(seed)
     count = 2 if rng.random() < two_objects else 1
     colors = rng.choice(list(COLORS), size=count, replace=False)
-    objects = tuple(_random_object(rng, size, str(c), str(rng.choice(SHAPES)), None) for c in colors)
+    objects = tuple(_random_object(rng, size, str(c), str(rng.choice(SHAPES)), None, rng.random() >= OPEN_COLOR) for c in colors)
     return Scene(objects, str(rng.choice(list(BACKGROUNDS))))
 
 
-def _random_object(rng: np.random.Generator, size: int, color: str, shape: str, direction: str | None) -> WorldObject:
+def _random_object(rng: np.random.Generator, size: int, color: str, shape: str, direction: str | None, color_named: bool) -> WorldObject:
     # 34-44% of the frame across: large enough for a shape to span several cells of a small
     # model's 4x-downsampled latents, small enough that every row stays mostly background
     # (classify_frame takes each row's median as the background).
@@ -100,7 +117,9 @@ def _random_object(rng: np.random.Generator, size: int, color: str, shape: str, 
         angle = rng.uniform(0, 2 * np.pi)
     else:  # within 40 degrees of the named direction, so the caption's word stays the dominant one
         angle = {"right": 0.0, "down": np.pi / 2, "left": np.pi, "up": 3 * np.pi / 2}[direction] + rng.uniform(-0.7, 0.7)
-    return WorldObject(shape, color, float(radius), (float(position[0]), float(position[1])), (float(speed * np.cos(angle)), float(speed * np.sin(angle))))
+    hat = str(rng.choice([c for c in COLORS if c != color]))
+    velocity = (float(speed * np.cos(angle)), float(speed * np.sin(angle)))
+    return WorldObject(shape, color, float(radius), (float(position[0]), float(position[1])), velocity, hat, color_named)
 
 
 def positions(obj: WorldObject, size: int, frames: int, start: int = 0) -> np.ndarray:
@@ -118,9 +137,14 @@ def background_image(name: str, size: int) -> np.ndarray:
     return np.broadcast_to((1 - w) * top + w * bottom, (size, size, 3)).round().astype(np.uint8)
 
 
+def _pixel_centers(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) coordinates of the pixel centers of a (size, size) frame."""
+    return tuple(np.mgrid[0:size, 0:size].astype(np.float32) + 0.5)
+
+
 def shape_mask(shape: str, center: np.ndarray, radius: float, size: int) -> np.ndarray:
     """Boolean (size, size) mask of a shape, sampled at pixel centers."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    y, x = _pixel_centers(size)
     dx, dy = x - center[0], y - center[1]
     if shape == "circle":
         return dx * dx + dy * dy <= radius * radius
@@ -135,10 +159,13 @@ def render(scene: Scene, size: int, frames: int, start: int = 0) -> np.ndarray:
     """Frames ``start .. start + frames - 1`` of ``scene``: uint8 (frames, size, size, 3)."""
     background = background_image(scene.background, size)
     video = np.repeat(background[None], frames, axis=0)
+    y, _ = _pixel_centers(size)
     for obj in scene.objects:
-        color = np.asarray(COLORS[obj.color], dtype=np.uint8)
+        body, hat = (np.asarray(COLORS[c], dtype=np.uint8) for c in (obj.color, obj.hat))
         for i, center in enumerate(positions(obj, size, frames, start)):
-            video[i][shape_mask(obj.shape, center, obj.radius, size)] = color
+            mask = shape_mask(obj.shape, center, obj.radius, size)
+            video[i][mask] = body
+            video[i][mask & (y < center[1] - obj.radius + 2 * HAT * obj.radius)] = hat
     return video
 
 

@@ -11,10 +11,10 @@ from fifo_stream.consistency.storyboard import Storyboard, StoryboardError
 
 def test_parse_forms():
     board = Storyboard.parse(["santa slides down a chimney", "120: santa eats cookies", {"frame": 240, "prompt": "santa walks out"}], 8)
-    assert board.scenes == ((0, "santa slides down a chimney"), (120, "santa eats cookies"), (240, "santa walks out"))
+    assert board.scenes == ((0, "santa slides down a chimney", None), (120, "santa eats cookies", None), (240, "santa walks out", None))
     assert board.transition == 8
-    assert Storyboard.parse(["0: 2001: a space odyssey"]).scenes == ((0, "2001: a space odyssey"),)
-    assert Storyboard.parse(["a: b"]).scenes == ((0, "a: b"),)  # not a frame number: part of the prompt
+    assert Storyboard.parse(["0: 2001: a space odyssey"]).scenes == ((0, "2001: a space odyssey", None),)
+    assert Storyboard.parse(["a: b"]).scenes == ((0, "a: b", None),)  # not a frame number: part of the prompt
     assert Storyboard.parse(board.to_json(), 8) == board
     assert Storyboard.parse(["a", "5: b", "9: a"]).prompts == ["a", "b"]
 
@@ -32,11 +32,31 @@ def test_parse_forms():
         (["a", {"frame": 3}], 0, "must be 'N: text'"),
         (["a", {120: "b"}], 0, "must be 'N: text'"),
         (["a", "10: b"], 11, "closer than the 11-frame transition"),
+        (["a", {"frame": 10, "prompt": "b", "transition": 11}], 0, "closer than the 11-frame transition"),
+        (["a", {"frame": 10, "prompt": "b", "transition": -1}], 0, "transition: L >= 0"),
+        (["a", {"frame": 10, "prompt": "b", "fade": 2}], 0, "must be 'N: text'"),
     ],
 )
 def test_bad_storyboards_are_refused(entries, transition, message):
     with pytest.raises(StoryboardError, match=message):
         Storyboard.parse(entries, transition)
+
+
+def test_scenes_appended_later_keep_their_own_transition():
+    board = Storyboard.parse(["a", "10: b"], transition=2)
+    later = board.add(30, "c", transition=5)
+    assert later.scenes[-1] == (30, "c", 5) and later.transition == 2 and board.scenes[-1] == (10, "b", None)
+    assert Storyboard.parse(later.to_json(), 2) == later
+    assert later.describe()[-1] == "30: c (transition 5)"
+    assert [later.prompt_at(f) for f in (-3, 0, 9, 10, 29, 30, 1000)] == ["a", "a", "a", "b", "b", "c", "c"]
+    with pytest.raises(StoryboardError, match="must increase"):
+        later.add(30, "d")
+    c = torch.randn(3, 4, 2)
+    frames = torch.tensor([10, 11, 12, 30, 31, 34, 35])
+    w = torch.tensor([1 / 3, 2 / 3, 1, 1 / 6, 2 / 6, 5 / 6, 1])[:, None, None]
+    prev = torch.stack([c[0]] * 3 + [c[1]] * 4)
+    new = torch.stack([c[1]] * 3 + [c[2]] * 4)
+    assert torch.allclose(later.contexts(c, frames), (1 - w) * prev + w * new)
 
 
 def test_contexts_blend_linearly_over_the_transition():
@@ -67,13 +87,13 @@ def test_every_frame_is_denoised_with_its_own_context(tiny, overrides):
     cfg = load_config("tiny-random", ["sampling.partitions=1", *overrides])
     board = Storyboard.parse(["a red circle", "2: a blue square", "4: a green star"], transition=1)
     stream = FrameStream(model, cfg, board, seed=0)
-    scenes = torch.cat([model.encode_text([p]) for _, p in board.scenes])
+    scenes = torch.cat([model.encode_text([s.prompt]) for s in board.scenes])
     skip = stream.skip
     assert skip == (8 if overrides else 0)
     uncond = model.encode_text([cfg.sampling.negative_prompt])[0]
 
     def by_hand(e):  # the module docstring's formula
-        j = max(i for i, (start, _) in enumerate(board.scenes) if start <= max(e, 0))
+        j = max(i for i, (start, *_) in enumerate(board.scenes) if start <= max(e, 0))
         if j == 0 or e >= board.scenes[j][0] + board.transition:
             return scenes[j]
         w = (e - board.scenes[j][0] + 1) / (board.transition + 1)
@@ -125,3 +145,26 @@ def test_frames_before_the_next_scene_match_the_plain_prompt(tiny):
     finally:
         plain.close()
         board.close()
+
+
+@torch.no_grad()
+def test_a_scene_added_while_running_makes_the_frames_of_one_planned_from_the_start(tiny):
+    cfg = load_config("tiny-random", ["sampling.partitions=1"])
+    live = FrameStream(tiny, cfg, "a red circle", seed=2)
+    plain = FrameStream(tiny, cfg, "a red circle", seed=2)
+    try:
+        got = [live.next_latent() for _ in range(3)]
+        frame = live.live_frame
+        assert frame == int(live.engine.slot_frames()[-1]) - live.skip  # the slot that has not been denoised yet
+        with pytest.raises(StoryboardError, match=f"already in the queue; a prompt can start at frame {frame}"):
+            live.add_scene(frame - 1, "a blue square")
+        live.add_scene(frame, "a blue square", transition=2)
+        got += [live.next_latent() for _ in range(frame + 3 - 3)]
+        planned = FrameStream(tiny, cfg, Storyboard.parse(["a red circle", {"frame": frame, "prompt": "a blue square", "transition": 2}]), seed=2)
+        want = [planned.next_latent() for _ in range(len(got))]
+        plain_latents = [plain.next_latent() for _ in range(len(got))]
+    finally:
+        live.close()
+        plain.close()
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not torch.equal(got[-1], plain_latents[-1])  # the new prompt reached the frames after it

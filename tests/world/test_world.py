@@ -31,7 +31,7 @@ def test_render_from_a_start_frame_continues_the_same_video():
 
 
 def test_objects_bounce_and_stay_inside():
-    obj = world.WorldObject("square", "red", 10.0, (20.0, 30.0), (-3.0, 1.0))
+    obj = world.WorldObject("square", "red", 10.0, (20.0, 30.0), (-3.0, 1.0), "blue")
     path = world.positions(obj, SIZE, 400)
     assert path.min() >= obj.radius - 1e-9 and path.max() <= SIZE - obj.radius + 1e-9
     steps = np.abs(np.diff(path, axis=0))
@@ -51,10 +51,45 @@ def test_captions_follow_the_grammar_and_parse_back():
     for seed in range(40):
         scene = world.random_scene(SIZE, seed, two_objects=0.5)
         pairs, background, direction = world.parse_caption(scene.caption)
-        assert pairs == [(o.color, o.shape) for o in scene.objects]
+        assert pairs == [(o.color if o.color_named else None, o.shape) for o in scene.objects]
         assert background == scene.background
         assert direction == (scene.objects[0].direction if len(scene.objects) == 1 else None)
         assert set(scene.caption.split()) <= set(world.VOCAB)
+
+
+def test_a_third_of_captions_leave_the_body_color_open_and_none_names_the_hat():
+    objects = [o for seed in range(600) for o in world.random_scene(SIZE, seed, two_objects=0.5).objects]
+    open_fraction = np.mean([not o.color_named for o in objects])
+    assert abs(open_fraction - world.OPEN_COLOR) < 0.05
+    assert all(o.hat != o.color and o.hat in world.COLORS for o in objects)
+    assert len({o.hat for o in objects}) == len(world.COLORS)
+    for seed in range(40):
+        scene = world.random_scene(SIZE, seed, two_objects=0.5)
+        words = scene.caption.split()
+        for o in scene.objects:
+            assert (o.color in words) == o.color_named or any(p.color == o.color for p in scene.objects if p is not o)
+            assert o.hat not in words or any(p.color == o.hat and p.color_named for p in scene.objects)
+
+
+def test_hat_is_the_top_third_of_the_object_and_stays_for_the_clip():
+    obj = world.WorldObject("square", "red", 12.0, (32.0, 32.0), (1.0, 0.0), "blue")
+    frames = world.render(world.Scene((obj,), "black"), SIZE, 6)
+    for i, frame in enumerate(frames):
+        blue = np.all(frame == world.COLORS["blue"], axis=2)
+        red = np.all(frame == world.COLORS["red"], axis=2)
+        rows = np.nonzero(blue.any(axis=1) | red.any(axis=1))[0]
+        hat_rows = np.nonzero(blue.any(axis=1))[0]
+        assert len(hat_rows) == round(len(rows) * world.HAT) and hat_rows.max() < np.nonzero(red.any(axis=1))[0].min()
+        assert world.read_frame(frame) == ("red", "square", "blue")
+
+
+def test_scene_from_caption_leaves_an_open_color_to_the_seed():
+    caption = "a circle moves right on a black background"
+    scenes = [world.scene_from_caption(caption, SIZE, seed) for seed in range(30)]
+    assert all(s.objects[0].shape == "circle" and not s.objects[0].color_named and s.caption == caption for s in scenes)
+    assert len({s.objects[0].color for s in scenes}) == len(world.COLORS)
+    two = world.scene_from_caption("a square and a red circle move on a gray background", SIZE, 2)
+    assert [o.color_named for o in two.objects] == [False, True] and two.objects[0].color != "red"
 
 
 def test_scene_from_caption_matches_the_caption():
@@ -65,19 +100,36 @@ def test_scene_from_caption_matches_the_caption():
         world.scene_from_caption("a dog runs", SIZE, seed=1)
 
 
-def test_classifier_is_accurate_on_rendered_frames():
-    hits = total = 0
-    for seed in range(120):
+def _single_object_frames(scenes: int):
+    """Frames 0, 4 and 8 of ``scenes`` random one-object scenes, with each frame's object."""
+    frames, objects = [], []
+    for seed in range(scenes):
         scene = world.random_scene(SIZE, seed, two_objects=0.0)
-        obj = scene.objects[0]
         for frame in world.render(scene, SIZE, 9)[::4]:
-            hits += world.classify_frame(frame) == (obj.color, obj.shape)
-            total += 1
-    assert hits / total >= 0.99
+            frames.append(frame)
+            objects.append(scene.objects[0])
+    return frames, objects
+
+
+def _reading_accuracy(frames, objects) -> dict[str, float]:
+    readings = [world.read_frame(f) for f in frames]
+    return {attr: float(np.mean([getattr(r, attr) == getattr(o, attr) for r, o in zip(readings, objects)])) for attr in ("color", "shape", "hat")}
+
+
+def test_reader_is_accurate_on_rendered_frames():
+    accuracy = _reading_accuracy(*_single_object_frames(150))
+    assert min(accuracy.values()) >= 0.99, accuracy
+
+
+def test_reader_is_accurate_after_a_libx264_encode(tmp_path):
+    frames, objects = _single_object_frames(150)
+    _encode(tmp_path / "v.mp4", frames)
+    accuracy = _reading_accuracy(eval_consistency.read_frames(tmp_path / "v.mp4"), objects)
+    assert min(accuracy.values()) >= 0.99, accuracy
 
 
 def test_classifier_finds_nothing_on_an_empty_background():
-    assert world.classify_frame(world.background_image("gradient", SIZE)) == (None, None)
+    assert world.read_frame(world.background_image("gradient", SIZE)) == (None, None, None)
 
 
 def _encode(path, frames, fps=8):
@@ -129,7 +181,7 @@ def test_evaluator_cli_writes_json_and_plot(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
-    assert report["frames"] == 16 and report["prompt_accuracy"] == 1.0
+    assert report["frames"] == 16 and report["prompt_accuracy"] == 1.0 and report["open"]["hat"]["changes"] == 0
     assert json.loads(proc.stdout)["prompt_accuracy"] == 1.0
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run(
@@ -137,3 +189,29 @@ def test_evaluator_cli_writes_json_and_plot(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert bad.returncode != 0 and bad.stderr.startswith("error: cannot read video") and "Traceback" not in bad.stderr
+
+
+def test_identity_counts_held_changes_not_misreads():
+    values = ["red"] * 10 + ["blue"] * 2 + ["red"] * 5 + [None] * 6 + ["red"] * 3 + ["green"] * 4 + ["red"] * 4
+    m = eval_consistency.identity(values)
+    assert m["frame0"] == "red" and m["retention"] == pytest.approx(22 / 34)
+    assert m["changes"] == 2 and m["first_change"] == 26  # to green at 26, back to red at 30
+    assert m["misread_frames"] == 2 + 6  # the 2-frame blue and the unreadable frames
+    assert m["changes_per_1000"] == pytest.approx(2000 / 34)
+    still = eval_consistency.identity(["red"] * 3 + ["blue"] * 3 + ["red"] * 3)
+    assert still["changes"] == 0 and still["first_change"] is None and still["misread_frames"] == 3
+
+
+def test_evaluator_reports_the_open_attributes(tmp_path):
+    obj = world.WorldObject("circle", "yellow", 12.0, (20.0, 30.0), (1.0, 0.0), "red", color_named=False)
+    later = world.WorldObject("circle", "yellow", 12.0, (20.0, 30.0), (1.0, 0.0), "green", color_named=False)
+    frames = [*world.render(world.Scene((obj,), "black"), SIZE, 20), *world.render(world.Scene((later,), "black"), SIZE, 10, start=20)]
+    report = eval_consistency.evaluate(frames, "a circle moves right on a black background")
+    assert report["color_accuracy"] is None and report["prompt_accuracy"] == 1.0
+    assert set(report["open"]) == {"color", "hat"}
+    assert report["open"]["color"]["retention"] == 1.0 and report["open"]["color"]["changes"] == 0
+    assert report["open"]["hat"]["frame0"] == "red" and report["open"]["hat"]["first_change"] == 20
+    named = eval_consistency.evaluate(frames, "a yellow circle moves right on a black background")
+    assert set(named["open"]) == {"hat"} and named["color_accuracy"] == 1.0
+    eval_consistency.plot(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

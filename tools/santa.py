@@ -1,0 +1,178 @@
+"""The Santa test: does a long video keep what its prompt leaves open?
+
+    python tools/santa.py --out runs/santa --seeds 10 --frames 2000
+    python tools/santa.py --out runs/santa-quick --seeds 4 --frames 512 --settings plain,bank,bank+qcache
+    python tools/santa.py --out runs/santa-story --storyboard --settings plain,recommended
+
+Every prompt leaves the body color open ("a circle moves right on a black background") and
+no prompt names the hat, so both are chosen by the first frames' noise; the question is whether
+frame 2,000 still shows frame 0's. Each cell (setting x seed) generates a video on the embedded
+model and reads every frame with ``world.read_frame`` (the generated frames themselves, no
+encode); ``tools/eval_consistency.py`` computes retention, changes per 1,000 frames (a new value
+held >= 4 frames) and frames until the first change for each open attribute.
+
+``--storyboard`` runs three scenes that never name the color (direction and background change
+at frames 600 and 1,200; use --frames 1800 or more) to measure identity across scene changes.
+
+Resumable: each finished cell is written to ``OUT/cells/`` and skipped on the next run. The
+summary is ``OUT/results.json``, ``OUT/results.md`` (a Markdown table) and ``OUT/results.png``
+(per setting, the fraction of seeds whose hat is still frame 0's, over time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import eval_consistency  # noqa: E402
+from fifo_stream import world  # noqa: E402
+from fifo_stream.config import load_config  # noqa: E402
+from fifo_stream.consistency.storyboard import Storyboard  # noqa: E402
+from fifo_stream.durable import atomic_write  # noqa: E402
+from fifo_stream.models.loading import load_model  # noqa: E402
+from fifo_stream.pipeline import generate  # noqa: E402
+
+BANK = ["consistency.refbank.enabled=true"]
+SETTINGS = {
+    "plain": [],
+    "qcache": ["consistency.qcache.enabled=true"],
+    "bank": BANK,
+    "bank-replace": [*BANK, "consistency.refbank.mode=replace"],
+    "bank-m0.95": [*BANK, "consistency.refbank.momentum=0.95"],
+    "bank-m0.5": [*BANK, "consistency.refbank.momentum=0.5"],
+    "bank-all-layers": [*BANK, "consistency.refbank.layers=all"],
+    "bank-encoder": [*BANK, "consistency.refbank.layers=encoder"],
+    "bank+qcache": [*BANK, "consistency.qcache.enabled=true"],
+    "tail-coherent": ["sampling.tail_noise=coherent"],
+    "tail-dependency": ["sampling.tail_noise=dependency"],
+    "tail-mixed": ["sampling.tail_noise=mixed"],
+}
+SETTINGS["recommended"] = SETTINGS["bank"]  # updated from the measurements in models/tiny-shapes.md
+SCENE_CHANGES = (600, 1200)
+
+
+def prompt(seed: int, storyboard: bool) -> str | list[str]:
+    """The seed's prompt, the body color left open; a storyboard of three scenes with ``storyboard``."""
+    rng = np.random.default_rng([seed, 5])
+    shape = str(rng.choice(world.SHAPES))
+    directions = rng.permutation(world.DIRECTIONS)[:3]
+    backgrounds = rng.permutation(list(world.BACKGROUNDS))[:3]
+    scenes = [f"a {shape} moves {d} on a {b} background" for d, b in zip(directions, backgrounds)]
+    if not storyboard:
+        return scenes[0]
+    return [scenes[0], *(f"{frame}: {text}" for frame, text in zip(SCENE_CHANGES, scenes[1:]))]
+
+
+def run_cell(model, cfg, text: str | list[str], frames: int, seed: int) -> dict:
+    """Generate one video and score it (per-frame readings kept for the plot)."""
+    story = Storyboard.parse([text] if isinstance(text, str) else text, cfg.storyboard.transition)
+    start = time.perf_counter()
+    video = list(generate(model, cfg, story, frames, seed=seed, progress=False))
+    seconds = time.perf_counter() - start
+    report = eval_consistency.evaluate(video, story.prompts[0])
+    if not isinstance(text, str):  # later scenes name other directions and backgrounds, never the color
+        report["storyboard"] = text
+    report["s_per_frame"] = seconds / frames
+    report["seed"] = seed
+    return report
+
+
+def summarize(cells: dict[str, list[dict]]) -> dict:
+    """Per setting: means and worst seeds of the open attributes' identity, accuracy, flicker, speed."""
+    out = {}
+    for name, reports in cells.items():
+        row = {"seeds": len(reports), "frames": reports[0]["frames"]}
+        for attr in ("color", "hat"):
+            ms = [r["open"][attr] for r in reports]
+            row[f"{attr}_retention"] = float(np.mean([m["retention"] for m in ms]))
+            row[f"{attr}_retention_worst"] = float(min(m["retention"] for m in ms))
+            row[f"{attr}_changes_per_1000"] = float(np.mean([m["changes_per_1000"] for m in ms]))
+            row[f"{attr}_kept_all"] = sum(m["changes"] == 0 for m in ms)
+        row["shape_accuracy"] = float(np.mean([r["shape_accuracy"] for r in reports]))
+        row["flicker"] = float(np.mean([r["flicker"] for r in reports]))
+        row["s_per_frame"] = float(np.mean([r["s_per_frame"] for r in reports]))
+        out[name] = row
+    return out
+
+
+def table(summary: dict) -> str:
+    head = ("setting", "seeds x frames", "color retention (mean / worst)", "color changes / 1k", "hat retention (mean / worst)",
+            "hat changes / 1k", "seeds keeping color / hat", "shape accuracy", "flicker", "s/frame")
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, r in summary.items():
+        lines.append(
+            f"| {name} | {r['seeds']} x {r['frames']} | {r['color_retention']:.3f} / {r['color_retention_worst']:.3f} | "
+            f"{r['color_changes_per_1000']:.2f} | {r['hat_retention']:.3f} / {r['hat_retention_worst']:.3f} | {r['hat_changes_per_1000']:.2f} | "
+            f"{r['color_kept_all']} / {r['hat_kept_all']} | {r['shape_accuracy']:.3f} | {r['flicker']:.3f} | {r['s_per_frame']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells: dict[str, list[dict]], path: Path) -> None:
+    """Per setting, the fraction of seeds whose body color and hat have not changed yet, over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    for ax, attr in zip(axes, ("color", "hat")):
+        for name, reports in cells.items():
+            frames = reports[0]["frames"]
+            firsts = [r["open"][attr]["first_change"] for r in reports]
+            kept = [np.mean([f is None or f > t for f in firsts]) for t in range(frames)]
+            ax.plot(range(frames), kept, label=name, lw=1)
+        ax.set_title(f"{attr}: seeds still showing frame 0's value")
+        ax.set_xlabel("frame")
+    axes[0].set_ylabel("fraction of seeds")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/santa")
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--frames", type=int, default=2000)
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}")
+    p.add_argument("--storyboard", action="store_true", help="three scenes, changing at frames 600 and 1,200")
+    p.add_argument("--config", default="tiny")
+    args = p.parse_args(argv)
+    names = args.settings.split(",")
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"error: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
+    if args.storyboard and args.frames <= SCENE_CHANGES[-1]:
+        raise SystemExit(f"error: --storyboard needs --frames above {SCENE_CHANGES[-1]} (its last scene starts there)")
+    out = Path(args.out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    cells: dict[str, list[dict]] = {}
+    model = load_model(load_config(args.config))  # the settings change sampling and consistency, not the model
+    for seed in range(args.seeds):  # seeds outermost: an interrupted grid has every setting on the first seeds
+        for name in names:
+            path = out / "cells" / f"{name}-{seed}.json"
+            if not path.exists():
+                cfg = load_config(args.config, SETTINGS[name])
+                report = run_cell(model, cfg, prompt(seed, args.storyboard), args.frames, seed)
+                atomic_write(path, (json.dumps(report) + "\n").encode())
+                print(json.dumps({"setting": name, "seed": seed, **{a: m["retention"] for a, m in report["open"].items()}}), flush=True)
+            cells.setdefault(name, []).append(json.loads(path.read_text()))
+    summary = summarize(cells)
+    atomic_write(out / "results.json", (json.dumps(summary, indent=1) + "\n").encode())
+    atomic_write(out / "results.md", table(summary).encode())
+    plot(cells, out / "results.png")
+    print(table(summary))
+
+
+if __name__ == "__main__":
+    main()
