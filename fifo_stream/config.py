@@ -158,11 +158,13 @@ class VideoConfig:
 
 @dataclass
 class OutputConfig:
-    """File outputs (segments and joined files)."""
+    """File outputs (segments and joined files) and HLS playlists."""
 
-    codec: Optional[str] = None  # null: libx264 for .mp4/.mkv, libvpx-vp9 for .webm
+    codec: Optional[str] = None  # null: libx264 for .mp4/.mkv/.m3u8, libvpx-vp9 for .webm
     crf: int = option(18, Rule(lambda v: 0 <= v <= 63, "an integer from 0 to 63"))
     preset: str = "veryfast"  # x264 preset
+    hls_list_size: int = option(0, at_least(0))  # segments an HLS playlist lists (older ones are deleted); 0: all
+    hls_segment_seconds: float = option(2.0, Rule(lambda v: v > 0, "a number > 0"))  # HLS segment length (one also ends at every checkpoint)
 
 
 @dataclass

@@ -83,6 +83,7 @@ def workspace(tmp_path_factory):
     (ws / "existing.mp4").write_bytes(b"an earlier video")
     (ws / "blocker").write_text("a file where a directory would be")
     (ws / "dir.mp4").mkdir()
+    (ws / "dir.m3u8").mkdir()
     fast = ["sampling.partitions=1", "--quiet"]
     done = subprocess.run([sys.executable, "-m", "fifo_stream", "generate", "x", "--frames", "2", "--out", str(ws / "done.mp4"), "--run-dir", str(ws / "done"), *fast], capture_output=True)
     assert done.returncode == 0, done.stderr
@@ -186,6 +187,8 @@ BAD_INPUTS = {
     "config file with a wrong type": (GEN + ["--frames", "2", "--config", "typed.yaml"], "sampling.partitions='two' is invalid: it must be an integer >= 1 (in typed.yaml"),
     "two stdout outputs": (GEN[:2] + ["--frames", "2", "--out", "-", "--out", "-"], "stdout carries one stream"),
     "the same file twice": (GEN + ["--frames", "2", "--out", "./out.mp4"], "name the same output"),
+    "HLS playlist path is a directory": (["generate", "x", "--frames", "2", "--out", "dir.m3u8"], "HLS playlist path dir.m3u8 is a directory"),
+    "two HLS playlists in one directory": (GEN + ["--frames", "2", "--out", "live/a.m3u8", "--out", "live/b.m3u8"], "are HLS playlists in one directory"),
     "an output inside segments/": (GEN[:2] + ["--frames", "2", "--run-dir", "fresh", "--out", "fresh/segments/x.mp4"], "inside the run directory's segments/"),
     "run directory is a file": (GEN + ["--frames", "2", "--run-dir", "blocker"], "is a file"),
     "unknown pipe format": (GEN[:2] + ["--frames", "2", "--out", "-", "--pipe-format", "avi"], "invalid choice: 'avi'"),

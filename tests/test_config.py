@@ -42,6 +42,8 @@ BAD = {
     "video.fps=0": "video.fps=0 is invalid: it must be a positive integer",
     "video.width=100": "video.width=100 is invalid: it must be a positive multiple of 16",
     "output.crf=64": "an integer from 0 to 63",
+    "output.hls_list_size=-1": "output.hls_list_size=-1 is invalid: it must be an integer >= 0",
+    "output.hls_segment_seconds=0": "output.hls_segment_seconds=0.0 is invalid: it must be a number > 0",
     "runtime.dtype=fp8": "auto, fp32, fp16 or bf16",
     "runtime.compile=2": "true or false",
 }

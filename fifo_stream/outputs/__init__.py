@@ -1,4 +1,4 @@
-"""Where generated frames go: files, pipes, RTMP servers, PNG frames, and resumable segments.
+"""Where generated frames go: files, pipes, RTMP servers, HLS playlists, PNG frames, and resumable segments.
 
 Every sink takes frames one at a time as uint8 numpy arrays of shape (H, W, 3), RGB, and
 encodes them with PyAV. Files are written so that a process killed mid-write leaves a
@@ -21,6 +21,7 @@ _MODULES = {
     "PipeSink": "pipe",
     "RTMPSink": "rtmp",
     "PngSink": "png",
+    "HlsSink": "hls",
     "BackgroundSink": "workers",
     "MultiSink": "workers",
     "SegmentWriter": "segments",

@@ -1,4 +1,4 @@
-"""The one table of output formats: file extensions (muxer, default codec) and pipe containers.
+"""The one table of output formats: file extensions (muxer, default codec), HLS playlists and pipe containers.
 
 It imports nothing heavy, so the command line can offer the choices without loading PyAV.
 """
@@ -20,10 +20,12 @@ FILE_FORMATS = {
     ".mkv": FileFormat("matroska", "libx264"),
     ".webm": FileFormat("webm", "libvpx-vp9"),
 }
+HLS_EXTENSION = ".m3u8"  # an HLS playlist; its segments are files of HLS_FORMAT beside it
+HLS_FORMAT = FileFormat("mpegts", "libx264")
 PIPE_FORMATS = ("matroska", "nut", "mpegts", "rawvideo")
 
 # What the error for an unknown output target also suggests.
-OTHER_TARGETS = ", a directory/ for PNG frames, '-' for stdout, or an rtmp:// URL"
+OTHER_TARGETS = ", a .m3u8 for an HLS playlist, a directory/ for PNG frames, '-' for stdout, or an rtmp:// URL"
 _EXTENSIONS = ", ".join(list(FILE_FORMATS)[:-1]) + " or " + list(FILE_FORMATS)[-1]  # .mp4, .mkv or .webm
 
 

@@ -28,7 +28,8 @@ class RTMPSink(_Worker):
     last frame when the generator is late, the producer blocks on a queue of about one
     second of frames when it is ahead, and queued frames are skipped once the stream falls
     more than ``max_behind`` seconds behind. A dropped connection is retried
-    ``reconnect_attempts`` times with exponential backoff before ``SinkError``.
+    ``reconnect_attempts`` times with exponential backoff before ``SinkError``; the frame
+    that failed and those queued meanwhile go to the new connection, none skipped.
     """
 
     def __init__(
@@ -76,11 +77,14 @@ class RTMPSink(_Worker):
             self._finish()
             return
         period = 1.0 / self.fps
-        start, tick, base = time.monotonic(), 0, 0  # base: first tick of the current connection
+        start, tick, base = time.monotonic(), 0, 0  # base: first tick of the current connection, sent at start
         while True:
+            out = self._out
             base = self._emit(last, tick, base)
+            if self._out is not out:  # reconnected: the new stream's clock starts now, so the outage skips nothing
+                start = time.monotonic()
             tick += 1
-            due = start + tick * period
+            due = start + (tick - base) * period
             late = time.monotonic() - due
             if late > self.max_behind:
                 skip = int(late / period)

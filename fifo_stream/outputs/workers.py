@@ -5,13 +5,20 @@ from __future__ import annotations
 import queue
 import threading
 from abc import abstractmethod
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .base import Sink, SinkError
 
 _END = object()  # queue sentinel: no more frames
+
+
+class _Call:
+    """A queue item among the frames: ``fn`` (None: nothing) runs on the worker thread, then ``done`` is set."""
+
+    def __init__(self, fn: Callable[[], object] | None) -> None:
+        self.fn, self.done = fn, threading.Event()
 
 
 class _Worker(Sink):
@@ -39,8 +46,8 @@ class _Worker(Sink):
         except BaseException as e:
             self._error = e
             while (item := self._queue.get()) is not _END:
-                if isinstance(item, threading.Event):
-                    item.set()
+                if isinstance(item, _Call):
+                    item.done.set()
 
     @property
     def failed(self) -> bool:
@@ -82,19 +89,30 @@ class BackgroundSink(_Worker):
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not _END:
-            if isinstance(item, threading.Event):
-                item.set()
+            if isinstance(item, _Call):
+                try:
+                    if item.fn is not None:
+                        item.fn()
+                except BaseException as e:
+                    self._error = e  # before the waiting producer wakes
+                    raise
+                finally:
+                    item.done.set()
             else:
                 self.sink.write(item)
 
     def write(self, frame: np.ndarray) -> None:
         self._put(frame)
 
-    def flush(self) -> None:
-        """Wait until every frame written so far has reached the inner sink (re-raising its error)."""
-        done = threading.Event()
-        self._put(done)
-        done.wait()
+    def flush(self, then: Callable[[], object] | None = None) -> None:
+        """Wait until every frame written so far has reached the inner sink (re-raising its error).
+
+        ``then`` (e.g. the inner sink's ``cut``) runs on the thread after those frames; an error
+        in it fails the sink like one in ``write``.
+        """
+        call = _Call(then)
+        self._put(call)
+        call.done.wait()
         self._raise_error()
 
     def close(self) -> None:
@@ -109,22 +127,29 @@ class BackgroundSink(_Worker):
 
 
 class MultiSink(Sink):
-    """Writes every frame to several sinks; wrap slow ones in ``BackgroundSink`` so they run in parallel."""
+    """Writes every frame to several sinks; wrap slow ones in ``BackgroundSink`` so they run in parallel.
+
+    A sink that fails does not cost the others the frame (a playlist or PNG numbering would lose its place).
+    """
 
     def __init__(self, sinks: Sequence[Sink]) -> None:
         self.sinks = list(sinks)
 
-    def write(self, frame: np.ndarray) -> None:
-        for sink in self.sinks:
-            sink.write(frame)
-
-    def close(self) -> None:
-        """Close every sink, then raise the first error any of them raised."""
+    def _each(self, call: Callable[[Sink], object]) -> None:
+        """``call`` every sink, then raise the first error any of them raised."""
         first: BaseException | None = None
         for sink in self.sinks:
             try:
-                sink.close()
+                call(sink)
             except BaseException as e:
                 first = first or e
         if first is not None:
             raise first
+
+    def write(self, frame: np.ndarray) -> None:
+        """Write the frame to every sink, then raise the first error any of them raised."""
+        self._each(lambda sink: sink.write(frame))
+
+    def close(self) -> None:
+        """Close every sink, then raise the first error any of them raised."""
+        self._each(lambda sink: sink.close())

@@ -2,8 +2,9 @@
 
 File outputs are written as segments in the run directory (each behind a background
 thread), cut at every checkpoint and joined into the requested files when the run
-finishes; PNG directories and pipes are written live behind background threads, and
-RTMP streams directly (they pace on their own thread).
+finishes; PNG directories, HLS playlists and pipes are written live behind background
+threads (a playlist's open segment also ends at every checkpoint, so that a resumed run
+continues it), and RTMP streams directly (they pace on their own thread).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .rundir import RunDir, RunSpec
 class Outputs:
     """Opens every output of ``spec``; ``segments`` is the manifest's record of finished segments per file output.
 
-    ``start`` is the number of frames already written (PNG numbering continues from it).
+    ``start`` is the number of frames already written (PNG numbering and HLS playlists continue from it).
     If one output cannot be opened, those already open are closed and the error raised.
     """
 
@@ -35,6 +36,7 @@ class Outputs:
         self.run, self.spec, self.segments = run, spec, segments
         self.writers: dict[str, tuple[BackgroundSink, SegmentWriter]] = {}
         self.live: list[Sink] = []
+        self.playlists: list[BackgroundSink] = []  # HLS, also in ``live``
         self._cut_failed = False
         try:
             for i, target in enumerate(spec.outputs):
@@ -59,6 +61,12 @@ class Outputs:
             self.writers[key] = (BackgroundSink(writer), writer)
         elif kind == "png":
             self.live.append(BackgroundSink(open_sink(target, w, h, fps, start=start)))
+        elif kind == "hls":
+            o = cfg.output
+            sink = open_sink(target, w, h, fps, start=start, frames=self.spec.frames, list_size=o.hls_list_size,
+                             segment_seconds=o.hls_segment_seconds, codec=o.codec, crf=o.crf, preset=o.preset)
+            self.playlists.append(BackgroundSink(sink))
+            self.live.append(self.playlists[-1])
         elif kind == "pipe":
             self.live.append(BackgroundSink(open_sink(target, w, h, fps, fmt=self.spec.pipe_format)))
         else:
@@ -69,9 +77,10 @@ class Outputs:
         self._sinks.write(frame)
 
     def cut(self) -> list[Path]:
-        """Finish the open segment of every file output (once its frames are written) and list it in ``segments``.
+        """Finish the open segment of every file output (once its frames are written) and list it in ``segments``,
+        and that of every HLS playlist.
 
-        Returns the finished segment files (none for an output without frames since the last cut).
+        Returns the finished segment files of the file outputs (none for one without frames since the last cut).
         """
         finished = []
         for key, (bg, writer) in self.writers.items():
@@ -85,12 +94,16 @@ class Outputs:
             if path is not None:
                 self.segments[key].append({"file": path.name, "frames": frames})
                 finished.append(path)
+        for bg in self.playlists:
+            bg.flush(then=bg.sink.cut)
         return finished
 
     @property
     def files_failed(self) -> bool:
-        """Whether a file output failed (its open segment is then lost: no checkpoint can cover it)."""
-        return self._cut_failed or any(bg.failed for bg, _ in self.writers.values())
+        """Whether a file output or an HLS playlist failed: its frames since the last checkpoint are lost, so no later
+        checkpoint may be written (resume continues it from the last one)."""
+        workers = [bg for bg, _ in self.writers.values()] + self.playlists
+        return self._cut_failed or any(bg.failed for bg in workers)
 
     def close(self) -> None:
         """Close every output, then raise the first error any of them raised."""

@@ -1,10 +1,11 @@
 """Sinks over sinks: background threads and writing to several sinks."""
 
+import threading
 import time
 
 import pytest
 
-from fifo_stream.outputs.base import Sink
+from fifo_stream.outputs.base import Sink, SinkError
 from fifo_stream.outputs.file import FileSink
 from fifo_stream.outputs.png import PngSink
 from fifo_stream.outputs.workers import BackgroundSink, MultiSink
@@ -54,3 +55,33 @@ def test_multi_sink(tmp_path):
             sink.write(frame(i))
     assert len(decode(str(tmp_path / "a.mkv"))) == 6
     assert len(list((tmp_path / "png").glob("*.png"))) == 6
+
+
+def test_flush_then_runs_on_the_thread_after_the_frames():
+    inner = Failing(fail_at=100)
+    sink = BackgroundSink(inner)
+    seen = []
+    for i in range(3):
+        sink.write(frame(i))
+    sink.flush(then=lambda: seen.append((inner.seen, threading.current_thread() is sink._thread)))
+    assert seen == [(3, True)]
+
+    def cut():
+        raise RuntimeError("cut exploded")
+
+    with pytest.raises(RuntimeError, match="cut exploded"):
+        sink.flush(then=cut)
+    assert sink.failed
+    with pytest.raises(SinkError, match="has failed"):
+        sink.write(frame(3))
+    sink.close()  # the error was reported once
+    assert inner.closed
+
+
+def test_multi_sink_writes_every_sink_before_raising(tmp_path):
+    png = PngSink(tmp_path / "png")
+    sink = MultiSink([Failing(fail_at=1), png])
+    sink.write(frame(0))
+    with pytest.raises(RuntimeError, match="exploded"):
+        sink.write(frame(1))
+    assert png.index == 2  # the PNG frames keep their numbers

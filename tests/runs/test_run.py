@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,10 +11,12 @@ import threading
 import time
 
 import av
+import numpy as np
 import pytest
 
 FRAMES, EVERY = 12, 3
 ARGS = ["sampling.partitions=1"]  # S = f: no warm-up ticks, so each process starts emitting at once
+FFPROBE = shutil.which("ffprobe")
 
 
 def cli(*args, env=None, **kw):
@@ -37,10 +40,16 @@ def decoded_frames(path):
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 
 
+def playlist(out):
+    """The HLS playlist that :func:`generate` writes beside the video file ``out``."""
+    return out.with_name(f"{out.stem}-hls") / "index.m3u8"
+
+
 def generate(tmp, name, env=None):
     run_dir, out = tmp / name, tmp / f"{name}.mp4"
     args = ["generate", "a red circle", "--frames", str(FRAMES), "--checkpoint-every", str(EVERY),
-            "--out", str(out), "--out", str(tmp / f"{name}.mkv"), "--run-dir", str(run_dir), "--quiet", *ARGS]
+            "--out", str(out), "--out", str(tmp / f"{name}.mkv"), "--out", str(playlist(out)), "--run-dir", str(run_dir),
+            "--quiet", *ARGS, "output.hls_segment_seconds=0.25"]  # 2 frames a segment, and one ends at each checkpoint
     return cli(*args, env=env), run_dir, out
 
 
@@ -83,6 +92,33 @@ def test_sigkill_at_three_points_resumes_frame_identically(reference, tmp_path):
     assert len(decoded_frames(tmp_path / "run.mkv")) == FRAMES
     # Same encoder input and settings: the joined file decodes exactly like the uninterrupted one.
     assert all((a == b).all() for a, b in zip(frames, decoded_frames(ref_out)))
+    # The playlist lists the same segments; each resume that continued it marked a discontinuity.
+    assert playlist(out).read_text().replace("#EXT-X-DISCONTINUITY\n", "") == playlist(ref_out).read_text()
+
+
+@pytest.mark.skipif(FFPROBE is None, reason="needs ffprobe (Debian: apt-get install ffmpeg)")
+def test_hls_playlist_is_live_until_the_end_and_resumes_seamlessly(reference, tmp_path):
+    def frames_read(path):  # as a client reads them
+        out = subprocess.run([FFPROBE, "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                              "stream=nb_read_frames", "-of", "csv=p=0", str(path)], capture_output=True, text=True, timeout=60)
+        return int(out.stdout.split()[0])
+
+    ref = playlist(reference[1])
+    assert ref.read_text().endswith("#EXT-X-ENDLIST\n") and frames_read(ref) == FRAMES
+    # Killed after frame 8 (the last checkpoint at 6): live, maybe with segments after the checkpoint.
+    proc, run_dir, out = generate(tmp_path, "run", env={"FIFO_STREAM_FAULT": f"frame:{2 * EVERY + 2}"})
+    rc, _ = finish(proc)
+    assert rc == -signal.SIGKILL
+    text = playlist(out).read_text()
+    assert "#FIFO-STREAM-FRAMES:3,2\n" in text and "#EXT-X-ENDLIST" not in text
+    rc, err = finish(cli("resume", str(run_dir), "--quiet"))
+    assert rc == 0, err
+    text = playlist(out).read_text()
+    assert text.replace("#EXT-X-DISCONTINUITY\n", "", 1) == ref.read_text()
+    assert frames_read(playlist(out)) == FRAMES
+    got, want = decoded_frames(playlist(out)), decoded_frames(ref)
+    # libx264 is not bit-exact under load (see test_integrity); a wrong frame is ~40 levels off.
+    assert len(got) == FRAMES and all(np.abs(a.astype(int) - b.astype(int)).mean() < 2.0 for a, b in zip(got, want))
 
 
 def test_sigterm_checkpoints_and_resumes(reference, tmp_path):
