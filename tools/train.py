@@ -130,7 +130,7 @@ def batch(cfg, codec, step: int, args, device) -> tuple[torch.Tensor, list[str]]
     clips, captions = [], []
     rng = np.random.default_rng([args.seed, step])
     for i in range(count):
-        video, text = world.sample_clip(int(rng.integers(2**62)), size, f)
+        video, text = world.sample_clip(int(rng.integers(2**62)), size, f, args.open_identity)
         clips.append(video)
         captions.append("" if rng.random() < args.cfg_dropout else text)
     pixels = torch.from_numpy(np.stack(clips)).to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # b t 3 H W

@@ -40,6 +40,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-batch", type=int, default=32, help="frames per step")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the per-element KL term")
+    p.add_argument("--open-identity", action="store_true", help="world v2: hats, and a third of the captions without the body color")
 
 
 def frames(cfg, step: int, args) -> torch.Tensor:
@@ -48,7 +49,7 @@ def frames(cfg, step: int, args) -> torch.Tensor:
     rng = np.random.default_rng([args.seed, 1, step])
     out = []
     for _ in range(args.vae_batch // 2):  # frame 0 and a later frame of a training clip (world.sample_clip's scene)
-        scene = world.random_scene(size, int(rng.integers(2**62)))
+        scene = world.random_scene(size, int(rng.integers(2**62)), open_identity=args.open_identity)
         out += [world.render(scene, size, 1)[0], world.render(scene, size, 1, start=int(rng.integers(1, f)))[0]]
     x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return F.avg_pool2d(x, cfg.model.vae.upscale)

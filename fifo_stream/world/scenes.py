@@ -1,9 +1,11 @@
 """The world's scenes: the palette, the caption grammar, random and captioned scenes, and rendering.
 
-Every object wears a hat: the top third of its bounding box drawn in a second palette color,
-never its body color, that no caption names. A third of the captions leave the body color out
-too. Both stay fixed for a clip, so they are identity the prompt leaves open: what a long video
-must keep without being told (the Santa test, tools/santa.py).
+With ``open_identity`` (world v2) every object wears a hat: the top third of its bounding box
+drawn in a second palette color, never its body color, that no caption names; and a third of
+the captions leave the body color out. Both stay fixed for a clip, so they are identity the
+prompt leaves open: what a long video must keep without being told (the Santa test,
+tools/santa.py). Without it (world v1, what the shipped model was trained on) scenes are those
+of earlier versions, seed for seed.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class WorldObject:
     radius: float  # half the side of the bounding box, in pixels
     position: tuple[float, float]  # center (x, y) in frame 0
     velocity: tuple[float, float]  # pixels per frame
-    hat: str  # the hat's color: never the body color, never named by a caption
+    hat: str | None = None  # the hat's color (world v2): never the body color, never named by a caption
     color_named: bool = True  # whether the caption names the body color
 
     @property
@@ -81,32 +83,37 @@ def parse_caption(text: str) -> tuple[list[tuple[str | None, str]], str | None, 
     return pairs, background, direction
 
 
-def scene_from_caption(text: str, size: int, seed: int) -> Scene:
-    """A random scene that matches ``text`` (its objects, background and direction)."""
+def scene_from_caption(text: str, size: int, seed: int, open_identity: bool = False) -> Scene:
+    """A random scene that matches ``text`` (its objects, background and direction); a color the
+    caption leaves out is random; with ``open_identity`` the objects wear hats."""
     pairs, background, direction = parse_caption(text)
     if not pairs:
         raise ValueError(f"caption {text!r} names no '[color] <shape>'; colors: {', '.join(COLORS)}; shapes: {', '.join(SHAPES)}")
     rng = np.random.default_rng(seed)
     bg = background or str(rng.choice(list(BACKGROUNDS)))
     named = [c for c, _ in pairs if c]
-    open_colors = iter(rng.permutation([c for c in COLORS if c not in named]))
+    open_colors = iter(rng.permutation([c for c in COLORS if c not in named]) if len(named) < len(pairs) else ())
     objects = tuple(
-        _random_object(rng, size, color or str(next(open_colors)), shape, direction if len(pairs) == 1 else None, color is not None)
+        _random_object(rng, size, color or str(next(open_colors)), shape, direction if len(pairs) == 1 else None, color is not None, open_identity)
         for color, shape in pairs
     )
     return Scene(objects, bg)
 
 
-def random_scene(size: int, seed: int, two_objects: float = 0.25) -> Scene:
-    """A random scene: one object, or two with probability ``two_objects``."""
+def random_scene(size: int, seed: int, two_objects: float = 0.25, open_identity: bool = False) -> Scene:
+    """A random scene: one object, or two with probability ``two_objects``; world v2 with ``open_identity``."""
     rng = np.random.default_rng(seed)
     count = 2 if rng.random() < two_objects else 1
     colors = rng.choice(list(COLORS), size=count, replace=False)
-    objects = tuple(_random_object(rng, size, str(c), str(rng.choice(SHAPES)), None, rng.random() >= OPEN_COLOR) for c in colors)
+    objects = tuple(
+        _random_object(rng, size, str(c), str(rng.choice(SHAPES)), None, not open_identity or rng.random() >= OPEN_COLOR, open_identity)
+        for c in colors
+    )
     return Scene(objects, str(rng.choice(list(BACKGROUNDS))))
 
 
-def _random_object(rng: np.random.Generator, size: int, color: str, shape: str, direction: str | None, color_named: bool) -> WorldObject:
+def _random_object(rng: np.random.Generator, size: int, color: str, shape: str, direction: str | None, color_named: bool,
+                   hat: bool) -> WorldObject:
     # 34-44% of the frame across: large enough for a shape to span several cells of a small
     # model's 4x-downsampled latents, small enough that every row stays mostly background
     # (classify_frame takes each row's median as the background).
@@ -117,9 +124,9 @@ def _random_object(rng: np.random.Generator, size: int, color: str, shape: str, 
         angle = rng.uniform(0, 2 * np.pi)
     else:  # within 40 degrees of the named direction, so the caption's word stays the dominant one
         angle = {"right": 0.0, "down": np.pi / 2, "left": np.pi, "up": 3 * np.pi / 2}[direction] + rng.uniform(-0.7, 0.7)
-    hat = str(rng.choice([c for c in COLORS if c != color]))
     velocity = (float(speed * np.cos(angle)), float(speed * np.sin(angle)))
-    return WorldObject(shape, color, float(radius), (float(position[0]), float(position[1])), velocity, hat, color_named)
+    hat_color = str(rng.choice([c for c in COLORS if c != color])) if hat else None
+    return WorldObject(shape, color, float(radius), (float(position[0]), float(position[1])), velocity, hat_color, color_named)
 
 
 def positions(obj: WorldObject, size: int, frames: int, start: int = 0) -> np.ndarray:
@@ -161,15 +168,16 @@ def render(scene: Scene, size: int, frames: int, start: int = 0) -> np.ndarray:
     video = np.repeat(background[None], frames, axis=0)
     y, _ = _pixel_centers(size)
     for obj in scene.objects:
-        body, hat = (np.asarray(COLORS[c], dtype=np.uint8) for c in (obj.color, obj.hat))
+        body = np.asarray(COLORS[obj.color], dtype=np.uint8)
         for i, center in enumerate(positions(obj, size, frames, start)):
             mask = shape_mask(obj.shape, center, obj.radius, size)
             video[i][mask] = body
-            video[i][mask & (y < center[1] - obj.radius + 2 * HAT * obj.radius)] = hat
+            if obj.hat is not None:
+                video[i][mask & (y < center[1] - obj.radius + 2 * HAT * obj.radius)] = COLORS[obj.hat]
     return video
 
 
-def sample_clip(seed: int, size: int, frames: int) -> tuple[np.ndarray, str]:
+def sample_clip(seed: int, size: int, frames: int, open_identity: bool = False) -> tuple[np.ndarray, str]:
     """A training example: the first ``frames`` frames of a random scene, and its caption."""
-    scene = random_scene(size, seed)
+    scene = random_scene(size, seed, open_identity=open_identity)
     return render(scene, size, frames), scene.caption

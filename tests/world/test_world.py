@@ -47,9 +47,10 @@ def test_shape_masks_fill_their_bounding_box_as_designed():
     assert fills["triangle"] == pytest.approx(0.5, abs=0.04)
 
 
-def test_captions_follow_the_grammar_and_parse_back():
+@pytest.mark.parametrize("open_identity", [False, True], ids=["v1", "v2"])
+def test_captions_follow_the_grammar_and_parse_back(open_identity):
     for seed in range(40):
-        scene = world.random_scene(SIZE, seed, two_objects=0.5)
+        scene = world.random_scene(SIZE, seed, two_objects=0.5, open_identity=open_identity)
         pairs, background, direction = world.parse_caption(scene.caption)
         assert pairs == [(o.color if o.color_named else None, o.shape) for o in scene.objects]
         assert background == scene.background
@@ -57,14 +58,22 @@ def test_captions_follow_the_grammar_and_parse_back():
         assert set(scene.caption.split()) <= set(world.VOCAB)
 
 
+def test_world_v1_names_every_color_and_has_no_hats():
+    objects = [o for seed in range(200) for o in world.random_scene(SIZE, seed, two_objects=0.5).objects]
+    assert all(o.color_named and o.hat is None for o in objects)
+    assert world.scene_from_caption("a red square moves up on a gray background", SIZE, 3).objects[0].hat is None
+    v2 = world.random_scene(SIZE, 3, open_identity=True)
+    assert v2.objects[0].hat is not None and v2.background in world.BACKGROUNDS
+
+
 def test_a_third_of_captions_leave_the_body_color_open_and_none_names_the_hat():
-    objects = [o for seed in range(600) for o in world.random_scene(SIZE, seed, two_objects=0.5).objects]
+    objects = [o for seed in range(600) for o in world.random_scene(SIZE, seed, two_objects=0.5, open_identity=True).objects]
     open_fraction = np.mean([not o.color_named for o in objects])
     assert abs(open_fraction - world.OPEN_COLOR) < 0.05
     assert all(o.hat != o.color and o.hat in world.COLORS for o in objects)
     assert len({o.hat for o in objects}) == len(world.COLORS)
     for seed in range(40):
-        scene = world.random_scene(SIZE, seed, two_objects=0.5)
+        scene = world.random_scene(SIZE, seed, two_objects=0.5, open_identity=True)
         words = scene.caption.split()
         for o in scene.objects:
             assert (o.color in words) == o.color_named or any(p.color == o.color for p in scene.objects if p is not o)
@@ -85,7 +94,7 @@ def test_hat_is_the_top_third_of_the_object_and_stays_for_the_clip():
 
 def test_scene_from_caption_leaves_an_open_color_to_the_seed():
     caption = "a circle moves right on a black background"
-    scenes = [world.scene_from_caption(caption, SIZE, seed) for seed in range(30)]
+    scenes = [world.scene_from_caption(caption, SIZE, seed, open_identity=True) for seed in range(30)]
     assert all(s.objects[0].shape == "circle" and not s.objects[0].color_named and s.caption == caption for s in scenes)
     assert len({s.objects[0].color for s in scenes}) == len(world.COLORS)
     two = world.scene_from_caption("a square and a red circle move on a gray background", SIZE, 2)
@@ -101,10 +110,10 @@ def test_scene_from_caption_matches_the_caption():
 
 
 def _single_object_frames(scenes: int):
-    """Frames 0, 4 and 8 of ``scenes`` random one-object scenes, with each frame's object."""
+    """Frames 0, 4 and 8 of ``scenes`` random one-object scenes (half of world v1, half of v2), with each frame's object."""
     frames, objects = [], []
     for seed in range(scenes):
-        scene = world.random_scene(SIZE, seed, two_objects=0.0)
+        scene = world.random_scene(SIZE, seed, two_objects=0.0, open_identity=seed % 2 == 1)
         for frame in world.render(scene, SIZE, 9)[::4]:
             frames.append(frame)
             objects.append(scene.objects[0])

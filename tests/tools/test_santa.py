@@ -1,0 +1,45 @@
+"""tools/santa.py: the grid's cells, its resumability, and the summary it writes."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import santa  # noqa: E402
+
+from fifo_stream import world  # noqa: E402
+
+
+def test_prompts_leave_the_color_open_and_storyboards_never_name_it():
+    for seed in range(6):
+        text = santa.prompt(seed, storyboard=False)
+        (pair,), background, direction = world.parse_caption(text)
+        assert pair[0] is None and background and direction
+        story = santa.prompt(seed, storyboard=True)
+        assert story[0] == text and [s.split(":")[0] for s in story[1:]] == [str(f) for f in santa.SCENE_CHANGES]
+        assert all(world.parse_caption(s)[0][0] == (None, pair[1]) for s in story)
+
+
+def test_a_small_grid_writes_its_cells_and_resumes(tmp_path, capsys):
+    out = tmp_path / "grid"
+    base = ["--out", str(out), "--seeds", "1", "--frames", "6", "--config", "tiny-random"]
+    args = [*base, "--settings", "plain,bank"]
+    santa.main(args)
+    cells = sorted(p.name for p in (out / "cells").iterdir())
+    assert cells == ["bank-0.json", "plain-0.json"]
+    report = json.loads((out / "cells" / "plain-0.json").read_text())
+    assert report["frames"] == 6 and set(report["open"]) == {"color", "hat"} and report["s_per_frame"] > 0
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary) == {"plain", "bank"} and summary["plain"]["seeds"] == 1
+    assert (out / "results.md").read_text().startswith("| setting |")
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    capsys.readouterr()
+    santa.main(args)  # every cell is done: nothing is generated again
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == before
+    assert '"setting"' not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown setting"):
+        santa.main([*base, "--settings", "plain,nonsense"])
