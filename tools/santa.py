@@ -3,6 +3,7 @@
     python tools/santa.py --out runs/santa --seeds 10 --frames 2000
     python tools/santa.py --out runs/santa-quick --seeds 4 --frames 512 --settings plain,bank,bank+qcache
     python tools/santa.py --out runs/santa-story --storyboard --settings plain,recommended
+    python tools/santa.py --ckpt runs/v2/tiny-shapes.safetensors ...   # a world v2 model (see models/tiny-shapes.md)
 
 Every prompt leaves the body color open ("a circle moves right on a black background") and
 no prompt names the hat, so both are chosen by the first frames' noise; the question is whether
@@ -55,7 +56,7 @@ SETTINGS = {
     "tail-dependency": ["sampling.tail_noise=dependency"],
     "tail-mixed": ["sampling.tail_noise=mixed"],
 }
-SETTINGS["recommended"] = SETTINGS["bank"]  # updated from the measurements in models/tiny-shapes.md
+SETTINGS["recommended"] = SETTINGS["bank"]  # to be chosen from this grid's measurements (none holds identity yet)
 SCENE_CHANGES = (600, 1200)
 
 
@@ -147,6 +148,7 @@ def main(argv=None) -> None:
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}")
     p.add_argument("--storyboard", action="store_true", help="three scenes, changing at frames 600 and 1,200")
     p.add_argument("--config", default="tiny")
+    p.add_argument("--ckpt", default=None, help="model weights (default: the config's); hats need a world v2 model")
     args = p.parse_args(argv)
     names = args.settings.split(",")
     unknown = [n for n in names if n not in SETTINGS]
@@ -157,7 +159,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells: dict[str, list[dict]] = {}
-    model = load_model(load_config(args.config))  # the settings change sampling and consistency, not the model
+    model = load_model(load_config(args.config), args.ckpt)  # the settings change sampling and consistency, not the model
     for seed in range(args.seeds):  # seeds outermost: an interrupted grid has every setting on the first seeds
         for name in names:
             path = out / "cells" / f"{name}-{seed}.json"
