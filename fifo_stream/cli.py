@@ -109,7 +109,7 @@ def _weights_path(cfg, ckpt: str | None) -> Path | None:
     return find_checkpoint(ckpt or cfg.model.checkpoint)
 
 
-class _Live:
+class _LiveFromArgs:
     """A run's live side from the command line: progress, and with --serve or --prompts-from, live prompts."""
 
     def __init__(self, args, frames: int, storyboard: list[dict], outputs: list[str]):
@@ -216,7 +216,7 @@ def cmd_generate(args) -> None:
         storyboard.scenes[0][1], frames, outputs, args.seed, args.checkpoint_every, args.ckpt, args.pipe_format,
         storyboard.to_json(), _footage(args, cfg), args.init_strength, args.fit, args.pad_short,
     )
-    live = _Live(args, frames, storyboard.to_json(), outputs)
+    live = _LiveFromArgs(args, frames, storyboard.to_json(), outputs)
     load_inputs(spec, cfg, cfg.model.unet.temporal_length)  # a bad file fails before anything is written
     validate_targets(outputs, run_dir / SEGMENTS)
     distributed.from_main(lambda: RunDir.check_new(run_dir))
@@ -245,17 +245,21 @@ def cmd_resume(args) -> None:
 
     def open_run():
         run = RunDir.open(args.run_dir, writer=True)
-        spec, manifest = run.spec, run.manifest
-        if manifest["finished"]:
-            raise RunError(f"{run.path} is already finished ({manifest['frames_written']} frames); nothing to resume")
-        if not args.force:
-            check_inputs(spec)
-        return run, spec, run.config
+        try:
+            spec, manifest = run.spec, run.manifest
+            if manifest["finished"]:
+                raise RunError(f"{run.path} is already finished ({manifest['frames_written']} frames); nothing to resume")
+            if not args.force:
+                check_inputs(spec)
+            return run, spec, run.config
+        except BaseException:
+            run.release()  # the lock is taken: a refused resume must not keep it
+            raise
 
     # Only rank 0 needs to see the run directory (other nodes may not share its file system).
     run, spec, cfg = distributed.from_main(open_run)
     try:
-        live = _Live(args, spec.frames, spec.schedule(cfg.storyboard.transition).to_json(), spec.outputs)
+        live = _LiveFromArgs(args, spec.frames, spec.schedule(cfg.storyboard.transition).to_json(), spec.outputs)
         weights = _weights_path(cfg, spec.checkpoint)
         with distributed.all_ranks():
             model = load_model(cfg, spec.checkpoint, trust=args.trust_checkpoint)

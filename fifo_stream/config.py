@@ -177,7 +177,7 @@ class SamplingConfig:
     negative_prompt: str = ""
     discard_warmup: bool = True  # drop the first S - f frames (copies of the base clip's first frame)
     mode: str = option("batched", one_of("batched", "sequential"))  # sequential: the reference's call pattern
-    max_batch: Optional[int] = option(None, Rule(lambda v: v is None or v > 0, "a positive integer or null"))  # cap on samples per U-Net call (null: the whole tick in one call)
+    max_batch: Optional[int] = option(None, Rule(lambda v: v is None or v > 0, "a positive integer or null"))  # cap on samples per U-Net call (null: the whole tick in one call; on a CPU a smaller one can be faster: measure with tools/bench.py)
     vae_batch: int = option(1, POSITIVE)
     tail_noise: str = option("iid", one_of("iid", "mixed", "progressive", "coherent", "dependency"))  # iid (reference) | mixed, progressive (PYoCo) | coherent | dependency (ZS^2)
     noise_alpha: float = option(0.5, FRACTION)  # mixed/progressive/dependency: correlation between successive tail latents
@@ -240,11 +240,11 @@ class RuntimeConfig:
     """How to run; it never changes what is computed (beyond float rounding)."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda = the GPU of LOCAL_RANK)
-    dtype: str = option("auto", one_of("auto", "fp32", "fp16", "bf16"))  # auto: fp16 on CUDA, fp32 on CPU
+    dtype: str = option("auto", one_of("auto", "fp32", "fp16", "bf16"))  # auto: fp16 on CUDA; on a CPU bf16 where it has bf16 instructions (AVX512-BF16, AMX), else fp32 (the parity-exact choice)
     compile: bool = False  # torch.compile the U-Net for the tick's fixed shapes (the first ticks compile: minutes)
     cuda_graphs: bool = False  # with compile on CUDA: replay the tick's U-Net as CUDA graphs
     channels_last: bool = False  # NHWC weights for the U-Net's 2-D convolutions
-    overlap_decode: bool = True  # decode frame k on a background thread while tick k+1 runs
+    overlap_decode: Any = option("auto", Rule(lambda v: type(v) is bool or v == "auto", "true, false or auto"))  # decode frame k on a background thread while tick k+1 runs (auto: on CUDA only; on a CPU the thread would stall the tick's threads)
 
 
 @dataclass

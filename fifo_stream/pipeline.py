@@ -16,7 +16,7 @@ from .consistency.qcache import QCache
 from .consistency.refbank import RefBank
 from .consistency.storyboard import Scene, Storyboard, StoryboardError
 from .errors import FifoStreamError
-from .models.loading import DTYPES, VideoModel, compile_unet
+from .models.loading import DTYPES, VideoModel, compile_unet, resolve_overlap_decode
 from .runs import distributed
 from .sampling.ddim import guided_eps, sample_ddim
 from .sampling.fifo import FifoEngine, FifoSettings, FrameLayout
@@ -178,7 +178,7 @@ class FrameStream:
             owner=torch.ones(rows, 1, dtype=torch.bool), frame=torch.full((rows, 1), self.refbank.reference_tick), batch_size=1,
         )
         t, cond, uncond = levels.to(z.device)[:, None], self.cond.expand(s.steps, -1, -1), self.uncond.expand(s.steps, -1, -1)
-        guided_eps(self._unet, x, t, cond, uncond, s.guidance_scale, self.cfg.sampling.max_batch, self.refbank.attention_kwargs(layout))
+        guided_eps(self._unet, x, t, cond, uncond, s.guidance_scale, self.engine.max_batch, self.refbank.attention_kwargs(layout))
         self.refbank.commit()
 
     def next_latent(self) -> torch.Tensor:
@@ -237,14 +237,15 @@ class FrameStream:
 
 
 class Decoder:
-    """Decodes latents into frames, on a background thread with ``background``.
+    """Decodes latents into frames, on a background thread where ``overlap`` (``runtime.overlap_decode``) says so.
 
     Submitting latent k and then running tick k+1 overlaps the VAE decode, and its copy to
     the host, with the next tick: the main thread never waits for the GPU in between.
     """
 
-    def __init__(self, stream: FrameStream, background: bool):
+    def __init__(self, stream: FrameStream, overlap: bool | str = "auto"):
         self.stream = stream
+        background = resolve_overlap_decode(overlap, stream.model.device)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="decode") if background else None
 
     @property

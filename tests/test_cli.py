@@ -238,3 +238,12 @@ def test_bad_input_is_one_line_and_harmless(workspace, case):
     assert_one_line_error(proc, message)
     assert snapshot(workspace) == before
     assert not (workspace / "runs").exists() and not (workspace / "out.mp4").exists()
+
+
+def test_a_refused_resume_lets_go_of_the_run_directory(workspace, capsys):
+    from fifo_stream.cli import main
+    from fifo_stream.runs import lock
+
+    assert main(["resume", str(workspace / "done")]) != 0
+    assert "already finished" in capsys.readouterr().err
+    assert (workspace / "done").resolve() not in lock._held  # in-process callers (the API, tests) get it back

@@ -46,6 +46,7 @@ BAD = {
     "output.hls_segment_seconds=0": "output.hls_segment_seconds=0.0 is invalid: it must be a number > 0",
     "runtime.dtype=fp8": "auto, fp32, fp16 or bf16",
     "runtime.compile=2": "true or false",
+    "runtime.overlap_decode=sometimes": "runtime.overlap_decode='sometimes' is invalid: it must be true, false or auto",
 }
 
 
@@ -101,6 +102,6 @@ def test_the_schema_defaults_are_videocrafter2():
 
 def test_shipped_configs_all_load():
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    assert names == ["tiny", "tiny-random", "videocrafter2"]
+    assert names == ["bench-anchor", "tiny", "tiny-random", "videocrafter2"]
     for name in names:
         load_config(name)

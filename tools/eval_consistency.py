@@ -40,11 +40,8 @@ def read_frames(path: str | Path) -> list[np.ndarray]:
 
 
 def longest_run(flags: np.ndarray) -> int:
-    best = run = 0
-    for flag in flags:
-        run = run + 1 if flag else 0
-        best = max(best, run)
-    return best
+    """The longest run of true flags."""
+    return max((length for _, length, flag in runs([bool(f) for f in flags]) if flag), default=0)
 
 
 def runs(values: list) -> list[tuple[int, int, object]]:

@@ -15,10 +15,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import FifoStreamError
-from ..models.attention import Attention, AttnProcessor
+from ..models.attention import Attention, AttnProcessor, attend
 from ..models.unet_blocks import TemporalTransformer
 
 # The pairing used in published experiments on the full-size layout (decoder -> encoder block).
@@ -88,7 +87,7 @@ class RecordQueryProcessor(AttnProcessor):
     def __call__(self, attn: Attention, x: torch.Tensor, context: torch.Tensor | None = None, *, shared: dict, **_: Any) -> torch.Tensor:
         q, k, v = self.project(attn, x, context)
         shared[CONTROL, self.block] = q
-        return self.output(attn, F.scaled_dot_product_attention(q, k, v))
+        return self.output(attn, attend(q, k, v))
 
 
 class BlendQueryProcessor(AttnProcessor):
@@ -102,7 +101,7 @@ class BlendQueryProcessor(AttnProcessor):
     ) -> torch.Tensor:
         q, k, v = self.project(attn, x, context)
         q = self.blend(q, shared[CONTROL, self.block], timesteps)
-        return self.output(attn, F.scaled_dot_product_attention(q, k, v))
+        return self.output(attn, attend(q, k, v))
 
     def blend(self, q: torch.Tensor, q_enc: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """(1 - v) q + v q_enc, with each frame's v; queries are ((b h w), heads, t, d)."""

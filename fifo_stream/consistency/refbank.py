@@ -33,10 +33,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import FifoStreamError
-from ..models.attention import Attention, AttnProcessor, PerRow
+from ..models.attention import Attention, AttnProcessor, attend, PerRow
 from ..models.unet_blocks import SpatialTransformer
 from ..sampling.fifo import FrameLayout
 
@@ -160,12 +159,12 @@ class RefBank:
         """Attention of queries (N, heads, n, d) to their own K/V and bank ``entry`` (N,)."""
         k_ref, v_ref = self.keys[name][entry].to(q.dtype), self.values[name][entry].to(q.dtype)
         if self.mode == "replace":
-            return F.scaled_dot_product_attention(q, k_ref, v_ref)
+            return attend(q, k_ref, v_ref)
         bias = None
         if self.log_weight:
             bias = torch.zeros(1, k.shape[2] + k_ref.shape[2], dtype=q.dtype, device=q.device)
             bias[:, k.shape[2] :] = self.log_weight
-        return F.scaled_dot_product_attention(q, torch.cat([k, k_ref], 2), torch.cat([v, v_ref], 2), attn_mask=bias)
+        return attend(q, torch.cat([k, k_ref], 2), torch.cat([v, v_ref], 2), attn_mask=bias)
 
     def record(self, name: str, entry: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep a layer's K/V of frames that fill or update ``entry``, for :meth:`commit`."""
@@ -204,18 +203,18 @@ class RefBankProcessor(AttnProcessor):
     ) -> torch.Tensor:
         q, k, v = self.project(attn, x, None)
         if refbank is None:
-            return self.output(attn, F.scaled_dot_product_attention(q, k, v))
+            return self.output(attn, attend(q, k, v))
         # Frames are folded into the batch row-major, "(b t)", as in the U-Net.
         entry, use, record = (t.reshape(-1) for t in (refbank.entry, refbank.use, refbank.record))
         if len(entry) != len(q):
             raise RuntimeError(f"reference bank: a U-Net call of {len(q)} frames got rows for {len(entry)}")
         if not use.any():
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = attend(q, k, v)
         else:
             out = torch.empty_like(q)
             plain = ~use
             if plain.any():
-                out[plain] = F.scaled_dot_product_attention(q[plain], k[plain], v[plain])
+                out[plain] = attend(q[plain], k[plain], v[plain])
             out[use] = self.bank.attend(attn.name, q[use], k[use], v[use], entry[use])
         if record.any():
             self.bank.record(attn.name, entry[record], k[record], v[record])

@@ -61,8 +61,10 @@ class Progress:
         self._emit({"event": "frame", **self.status(brief=True)})
 
     def checkpoint(self) -> None:
-        self.checkpoints += 1
-        self._emit({"event": "checkpoint", "frame": self.done, "checkpoints": self.checkpoints})
+        with self._lock:
+            self.checkpoints += 1
+            event = {"event": "checkpoint", "frame": self.done, "checkpoints": self.checkpoints}
+        self._emit(event)
 
     def scene(self, frame: int, prompt: str, transition: int | None, source: str) -> None:
         """A prompt was added to the storyboard, from emitted frame ``frame``."""

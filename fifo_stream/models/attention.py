@@ -52,12 +52,29 @@ class Attention(nn.Module):
         return rearrange(t, "b h n d -> b n (h d)")
 
 
+# On a CPU, attention over at most this many keys (temporal attention over a window's frames) runs
+# as two matmuls and an explicit softmax: there the fused kernel and aten's softmax are 1.5-3x
+# slower for such short rows (measured for the U-Net's shapes, fp32 and bf16).
+SHORT_KEYS = 32
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + attn_mask) v over (b, heads, n, d); the softmax in float32."""
+    if q.device.type == "cpu" and k.shape[-2] <= SHORT_KEYS:
+        scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        weights = (scores - scores.amax(-1, keepdim=True)).exp()
+        return (weights / weights.sum(-1, keepdim=True)).to(q.dtype) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
 class AttnProcessor:
-    """Plain attention through ``scaled_dot_product_attention`` (scale d_head^-0.5)."""
+    """Plain attention (:func:`attend`, scale d_head^-0.5)."""
 
     def __call__(self, attn: Attention, x: torch.Tensor, context: torch.Tensor | None = None, **attention_kwargs: Any) -> torch.Tensor:
         q, k, v = self.project(attn, x, context)
-        return self.output(attn, F.scaled_dot_product_attention(q, k, v))
+        return self.output(attn, attend(q, k, v))
 
     @staticmethod
     def project(attn: Attention, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -262,6 +262,7 @@ class UNet3D(nn.Module):
         else:
             context = context.repeat_interleave(t, dim=0)
         h = rearrange(x, "b c t h w -> (b t) c h w").type(self.out[2].weight.dtype)
+        context = context.type(h.dtype)
         kwargs = {**(attention_kwargs or {}), "timesteps": timesteps, "shared": {}}
 
         def run(block: UNetBlock, h: torch.Tensor) -> torch.Tensor:

@@ -71,10 +71,24 @@ def shutdown() -> None:
 def job() -> Iterator[None]:
     """Run a command as one process of the torchrun job the environment describes (if any)."""
     init()
+    finished = False
     try:
         yield
+        finished = True
     finally:
+        if finished:
+            settle()
         shutdown()
+
+
+def settle(timeout: timedelta = timedelta(minutes=2)) -> None:
+    """Wait until every rank is done before the group is torn down: a rank that tears it down while
+    another still talks to it can abort that one (gloo's threads end the process)."""
+    if world_size() > 1:
+        try:
+            dist.monitored_barrier(timeout=timeout)
+        except RuntimeError:  # a rank failed or is gone: its own error is the one reported
+            pass
 
 
 def shares(total: int, size: int) -> list[int]:

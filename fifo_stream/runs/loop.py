@@ -110,7 +110,7 @@ def execute(
             _follow(stream, spec)
             return
         followers = _Followers(stream, spec)
-        live = _Live(progress or Progress(spec.frames, [], "none"), control, preview_every)
+        live = _Watchers(progress or Progress(spec.frames, [], "none"), control, preview_every)
         try:
             _Leader(run, stream, spec, cfg, identity, live, followers).run()
         except BaseException as e:
@@ -161,7 +161,7 @@ class _Followers:
             distributed.agree(code)
 
 
-class _Live:
+class _Watchers:
     """What watches and steers the frame loop: progress, live prompts, the preview image."""
 
     def __init__(self, progress: Progress, control: LiveControl | None, preview_every: int):
@@ -180,7 +180,7 @@ class _Leader:
     written after it; that one-frame lag is drained before every checkpoint.
     """
 
-    def __init__(self, run: RunDir, stream: FrameStream, spec: RunSpec, cfg: DictConfig, identity: str, live: _Live,
+    def __init__(self, run: RunDir, stream: FrameStream, spec: RunSpec, cfg: DictConfig, identity: str, live: _Watchers,
                  followers: _Followers):
         self.run_dir, self.stream, self.spec, self.identity, self.followers = run, stream, spec, identity, followers
         self.manifest = discard_after(run, run.manifest, stream.emitted)
