@@ -53,8 +53,8 @@ class Attention(nn.Module):
 
 
 # On a CPU, attention over at most this many keys (temporal attention over a window's frames) runs
-# as two matmuls and an explicit softmax: there the fused kernel and aten's softmax are 1.5-3x
-# slower for such short rows (measured for the U-Net's shapes, fp32 and bf16).
+# as two matmuls and an explicit softmax: there the fused kernel and aten's softmax are slower for
+# such short rows (measured at the U-Net's shapes: 1.5x in fp32, 3.5-4.3x in bf16; tools/bench_ops.py).
 SHORT_KEYS = 32
 
 
