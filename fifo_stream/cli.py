@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how far the init footage is noised before denoising, 0..1 (default 0.7 for an image, 0 for a video)")
     gen.add_argument("--fit", choices=FIT_MODES, default="crop", help="fit footage to the video size: crop (default), pad or stretch")
     gen.add_argument("--pad-short", action="store_true", help="an init video shorter than one window repeats its last frame")
+    gen.add_argument("--keep-input", action="store_true",
+                     help="the outputs start with the whole init video (on video.fps), then the new frames")
     _add_model_args(gen)
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampling.partitions=2")
 
@@ -168,8 +170,9 @@ def _footage(args, cfg) -> dict[str, dict]:
 
     if args.init_strength is not None and not ((args.init_image or args.init_video) and 0.0 <= args.init_strength <= 1.0):
         raise FifoStreamError(f"--init-strength {args.init_strength} needs --init-image or --init-video and a value from 0 to 1")
-    if args.pad_short and not args.init_video:
-        raise FifoStreamError("--pad-short applies to --init-video; give a video or drop it")
+    for flag, given in (("--pad-short", args.pad_short), ("--keep-input", args.keep_input)):
+        if given and not args.init_video:
+            raise FifoStreamError(f"{flag} applies to --init-video; give a video or drop it")
     r = cfg.consistency.refbank
     reference = r.reference if r.enabled and isinstance(r.reference, str) else None
     return record_inputs({"init_image": args.init_image, "init_video": args.init_video, "reference": reference})
@@ -185,7 +188,7 @@ def cmd_generate(args) -> None:
     from .models.loading import load_model
     from .pipeline import check_world_size
     from .consistency.refbank import select_layers
-    from .runs.inputs import load_inputs
+    from .runs.inputs import kept_input, load_inputs
     from .runs.loop import execute
     from .runs.rundir import LIVE_PLAYLIST, SEGMENTS, RunDir, RunSpec, fingerprint
     from .outputs.targets import validate_targets
@@ -216,8 +219,10 @@ def cmd_generate(args) -> None:
         storyboard.scenes[0][1], frames, outputs, args.seed, args.checkpoint_every, args.ckpt, args.pipe_format,
         storyboard.to_json(), _footage(args, cfg), args.init_strength, args.fit, args.pad_short,
     )
-    live = _LiveFromArgs(args, frames, storyboard.to_json(), outputs)
     load_inputs(spec, cfg, cfg.model.unet.temporal_length)  # a bad file fails before anything is written
+    if args.keep_input:
+        spec.kept_input_frames = sum(1 for _ in kept_input(spec, cfg))
+    live = _LiveFromArgs(args, spec.output_frames, storyboard.to_json(), outputs)
     validate_targets(outputs, run_dir / SEGMENTS)
     distributed.from_main(lambda: RunDir.check_new(run_dir))
     weights = _weights_path(cfg, args.ckpt)
@@ -233,7 +238,7 @@ def cmd_generate(args) -> None:
     finally:
         run.release()
     if distributed.is_main():
-        live.summary(f"wrote {frames} frames; run directory {run_dir}")
+        live.summary(f"wrote {spec.output_frames} frames; run directory {run_dir}")
 
 
 def cmd_resume(args) -> None:
@@ -259,7 +264,7 @@ def cmd_resume(args) -> None:
     # Only rank 0 needs to see the run directory (other nodes may not share its file system).
     run, spec, cfg = distributed.from_main(open_run)
     try:
-        live = _LiveFromArgs(args, spec.frames, spec.schedule(cfg.storyboard.transition).to_json(), spec.outputs)
+        live = _LiveFromArgs(args, spec.output_frames, spec.schedule(cfg.storyboard.transition).to_json(), spec.outputs)
         weights = _weights_path(cfg, spec.checkpoint)
         with distributed.all_ranks():
             model = load_model(cfg, spec.checkpoint, trust=args.trust_checkpoint)
@@ -268,7 +273,7 @@ def cmd_resume(args) -> None:
     finally:
         run.release()
     if distributed.is_main():
-        live.summary(f"finished {spec.frames} frames; run directory {run.path}")
+        live.summary(f"finished {spec.output_frames} frames; run directory {run.path}")
 
 
 def cmd_info(args) -> None:
@@ -291,7 +296,7 @@ def cmd_info(args) -> None:
     lines = [
         f"run:         {run.path}",
         *prompts,
-        f"progress:    {done} / {spec.frames} frames ({100 * done // max(spec.frames, 1)}%), {status}",
+        f"progress:    {done} / {spec.output_frames} frames ({100 * done // max(spec.output_frames, 1)}%), {status}",
         f"model:       {cfg.model.name} ({weights})",
         f"video:       {cfg.video.width}x{cfg.video.height} @ {cfg.video.fps} fps, seed {spec.seed}",
         f"sampling:    partitions {cfg.sampling.partitions}, lookahead {cfg.sampling.lookahead}, guidance {cfg.sampling.guidance_scale}, eta {cfg.sampling.eta}",

@@ -1,4 +1,4 @@
-"""The command line as a user runs it: real subprocesses, one-line errors, no tracebacks."""
+"""The command line as a user runs it: real processes, one-line errors, no tracebacks."""
 
 import fractions
 import os
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli_process
 from fifo_stream.outputs.file import FileSink
 from media import write_tone
 from synthetic import synthetic_state_dict
@@ -219,6 +220,7 @@ BAD_INPUTS = {
     "init strength out of range": (GEN + ["--frames", "2", "--init-video", "short.mp4", "--pad-short", "--init-strength", "1.5"], "a value from 0 to 1"),
     "init strength without footage": (GEN + ["--frames", "2", "--init-strength", "0.5"], "needs --init-image or --init-video"),
     "pad-short without a video": (GEN + ["--frames", "2", "--pad-short"], "--pad-short applies to --init-video"),
+    "keep-input without a video": (GEN + ["--frames", "2", "--init-image", "short.mp4", "--keep-input"], "--keep-input applies to --init-video"),
     "init image and video together": (GEN + ["--frames", "2", "--init-image", "a.png", "--init-video", "b.mp4"], "not allowed with argument --init-image"),
     "unknown fit mode": (GEN + ["--frames", "2", "--init-image", "a.png", "--fit", "zoom"], "invalid choice: 'zoom'"),
     "reference image missing": (GEN + ["--frames", "2", "consistency.refbank.enabled=true", "consistency.refbank.reference=nope.png"], "nope.png does not exist"),
@@ -234,10 +236,18 @@ def test_there_are_at_least_40_distinct_bad_inputs():
 def test_bad_input_is_one_line_and_harmless(workspace, case):
     args, message = BAD_INPUTS[case]
     before = snapshot(workspace)
-    proc = run_cli(*args, cwd=workspace)
+    proc = cli_process.run(*args, cwd=workspace)
     assert_one_line_error(proc, message)
     assert snapshot(workspace) == before
     assert not (workspace / "runs").exists() and not (workspace / "out.mp4").exists()
+
+
+@pytest.mark.parametrize("case", ["zero frames", "init video is audio only", "resume with a damaged run.json", "plain pickle checkpoint"])
+def test_bad_input_through_the_entry_point(workspace, case):
+    args, message = BAD_INPUTS[case]
+    before = snapshot(workspace)
+    assert_one_line_error(run_cli(*args, cwd=workspace), message)
+    assert snapshot(workspace) == before
 
 
 def test_a_refused_resume_lets_go_of_the_run_directory(workspace, capsys):

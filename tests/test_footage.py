@@ -1,20 +1,22 @@
 """Starting from the user's footage on the embedded model: an image to animate, a video to
 extend, an image as the reference bank's identity; exact resume; a changed input refused."""
 
+import hashlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+import cli_process
 from fifo_stream import world
 from fifo_stream.config import load_config
 from fifo_stream.consistency.refbank import spatial_self_attention
 from fifo_stream.models.loading import load_model
+from fifo_stream.inputs.video import iter_video
 from fifo_stream.outputs.file import FileSink
+from fifo_stream.outputs.segments import count_frames
 from fifo_stream.outputs.png import PngSink
 from fifo_stream.pipeline import FrameStream, StartClip
 from fifo_stream.runs.inputs import DEFAULT_STRENGTH
@@ -98,7 +100,7 @@ def test_a_reference_image_fills_the_bank_before_the_first_frame(model):
 
 
 def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "fifo_stream", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    return cli_process.run(*args, env={**os.environ, **(env or {})}, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -119,18 +121,29 @@ def test_kill_and_resume_with_footage_is_exact_and_a_changed_input_is_refused(tm
     source = tmp_path / name
     shutil.copy(footage / name, source)
     given = [f"{flag}={source}", "consistency.refbank.enabled=true"] if flag.startswith("consistency") else [flag, str(source)]
+    keep = flag == "--init-video"  # the outputs start with the clip's 12 frames, then the 12 new ones
     base = ["generate", "a red circle moves right on a black background", "--config", "tiny", "--frames", "12",
-            "--checkpoint-every", "4", "--quiet", *given]
+            "--checkpoint-every", "4", "--quiet", *given, *(["--keep-input"] if keep else [])]
     ref = cli(*base, "--out", str(tmp_path / "ref.mp4"), "--run-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     killed = cli(*base, "--out", str(tmp_path / "run.mp4"), "--run-dir", str(tmp_path / "run"), env={"FIFO_STREAM_FAULT": "frame:6"})
     assert killed.returncode == -signal.SIGKILL
+    if keep:  # killed while writing the clip's frames, then after new frames: each resume continues exactly
+        killed = cli("resume", str(tmp_path / "run"), "--quiet", env={"FIFO_STREAM_FAULT": "frame:18"})
+        assert killed.returncode == -signal.SIGKILL
     done = cli("resume", str(tmp_path / "run"), "--quiet")
     assert done.returncode == 0, done.stderr
     read = lambda d: __import__("json").loads((d / "manifest.json").read_text())["frame_sha256"]  # noqa: E731
     assert read(tmp_path / "run") == read(tmp_path / "ref")
     spec = __import__("json").loads((tmp_path / "ref" / "run.json").read_text())
     assert list(spec["inputs"].values())[0]["path"] == str(source)
+    if keep:
+        clip = list(iter_video(source, 8, 64, 64))
+        assert spec["kept_input_frames"] == 12 and len(read(tmp_path / "ref")) == 24 and count_frames(tmp_path / "ref.mp4") == 24
+        assert read(tmp_path / "ref")[:12] == [hashlib.sha256(f.tobytes()).hexdigest() for f in clip]
+        plain = cli(*base[:-1], "--out", str(tmp_path / "plain.mp4"), "--run-dir", str(tmp_path / "plain"))
+        assert plain.returncode == 0, plain.stderr
+        assert read(tmp_path / "plain") == read(tmp_path / "ref")[12:]  # the new frames do not change
     # a changed input: a killed run refuses to continue with it, unless --force
     killed = cli(*base, "--out", str(tmp_path / "again.mp4"), "--run-dir", str(tmp_path / "again"), env={"FIFO_STREAM_FAULT": "frame:2"})
     assert killed.returncode == -signal.SIGKILL

@@ -87,11 +87,15 @@ def read_video_tail(path: str | os.PathLike, count: int, fps: float, width: int,
                      padded=padded)
 
 
-def iter_video(path: str | os.PathLike, fps: float, width: int, height: int, fit: str = "crop") -> Iterator[np.ndarray]:
+def iter_video(path: str | os.PathLike, fps: float, width: int, height: int, fit: str = "crop",
+               end_aligned: bool = False) -> Iterator[np.ndarray]:
     """Every frame of the video in ``path`` on a grid of ``fps`` from its first frame, fitted to width x height.
 
     Grid time k is ``t_first + k / fps`` for every k up to the video's last frame; each
-    array is a new uint8 (height, width, 3). The file is checked and opened when this is
+    array is a new uint8 (height, width, 3). With ``end_aligned`` the grid is laid back from
+    the last frame instead, as ``read_video_tail`` lays it (so the last frame is the video's
+    last, and the grid continues into frames generated after the tail); when resampling,
+    that reads the file once more first. The file is checked and opened when this is
     called (so a bad file fails here, before the first frame is asked for), except that a
     video with no decodable frame fails on the first ``next()``. Same InputErrors as
     ``read_video_tail``.
@@ -100,18 +104,26 @@ def iter_video(path: str | os.PathLike, fps: float, width: int, height: int, fit
     name = check_file(path, "video", VIDEO_KINDS)
     with open_media(name, "video", VIDEO_KINDS) as container:
         rate = _header_rate(_video_stream(container, name))
-    return _iter_video(name, fps, width, height, fit, rate)
+    return _iter_video(name, fps, width, height, fit, rate, end_aligned)
 
 
-def _iter_video(name: str, fps: float, width: int, height: int, fit: str, rate: float | None) -> Iterator[np.ndarray]:
+def _iter_video(name: str, fps: float, width: int, height: int, fit: str, rate: float | None,
+                end_aligned: bool) -> Iterator[np.ndarray]:
     tolerance = TIME_TOLERANCE / fps
+    origin = None
+    if end_aligned and not (rate is not None and _same_rate(rate, fps)):
+        with open_media(name, "video", VIDEO_KINDS) as container:
+            first = last = None
+            for last, _ in _decoded(container, _video_stream(container, name), name):
+                first = last if first is None else first
+        origin = last - math.floor((last - first) * fps + TIME_TOLERANCE) / fps
     with open_media(name, "video", VIDEO_KINDS) as container:
         frames = _decoded(container, _video_stream(container, name), name)
         if rate is not None and _same_rate(rate, fps):
             for _, frame in frames:
                 yield fit_frame(frame_to_rgb(frame), width, height, fit)
             return
-        start, k, held, time = None, 0, None, 0.0
+        start, k, held, time = origin, 0, None, 0.0
         for time, frame in frames:
             if start is None:
                 start = time

@@ -4,6 +4,7 @@ video size, fingerprinted in run.json at the start and checked again on resume."
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 from omegaconf import DictConfig
@@ -11,7 +12,7 @@ from omegaconf import DictConfig
 from ..inputs.fit import fit_frame
 from ..inputs.image import read_image
 from ..inputs.record import check_input, describe_input
-from ..inputs.video import read_video_tail
+from ..inputs.video import iter_video, read_video_tail
 from ..pipeline import StartClip
 from .rundir import RunSpec
 
@@ -51,3 +52,8 @@ def load_inputs(spec: RunSpec, cfg: DictConfig, frames_per_window: int) -> tuple
         start = StartClip(frames, strength)
     reference = fit_frame(read_image(inputs["reference"]["path"]), width, height, spec.fit) if "reference" in inputs else None
     return start, reference
+
+
+def kept_input(spec: RunSpec, cfg: DictConfig) -> Iterator[np.ndarray]:
+    """The init video's frames the outputs start with (``--keep-input``), on the grid its continuation is on."""
+    return iter_video(spec.inputs["init_video"]["path"], cfg.video.fps, cfg.video.width, cfg.video.height, spec.fit, end_aligned=True)

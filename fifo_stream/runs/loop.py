@@ -3,7 +3,9 @@
 Frames go to every output of the run (see :mod:`.outputs`) and their SHA-256 to the
 run directory's manifest (see :mod:`.rundir`); every ``checkpoint_every`` frames, and
 when the run stops, a checkpoint is written. File outputs are joined into the
-requested files by stream copy when the run finishes.
+requested files by stream copy when the run finishes. With ``--keep-input`` the outputs
+start with the init video's frames, written before the first tick and checkpointed, so
+that a state on disk means they are all written.
 
 Checkpoint write order: cut the segments (close, fsync, rename), atomically replace
 the manifest, then atomically replace the state. On resume the state says how many
@@ -28,7 +30,7 @@ from ..live import LiveControl, Progress, write_preview
 from ..outputs.base import SinkError
 from ..pipeline import Decoder, FrameStream
 from .outputs import Outputs
-from .inputs import load_inputs
+from .inputs import kept_input, load_inputs
 from .rundir import RunDir, RunError, RunSpec, discard_after
 
 # Crash tests: "point:N" makes the process SIGKILL itself at a checkpoint step
@@ -110,9 +112,9 @@ def execute(
             _follow(stream, spec)
             return
         followers = _Followers(stream, spec)
-        live = _Watchers(progress or Progress(spec.frames, [], "none"), control, preview_every)
+        live = _Watchers(progress or Progress(spec.output_frames, [], "none"), control, preview_every)
         try:
-            _Leader(run, stream, spec, cfg, identity, live, followers).run()
+            _Leader(run, stream, spec, cfg, identity, live, followers, resumed=state is not None).run()
         except BaseException as e:
             followers.release(getattr(e, "exit_code", 1))
             raise
@@ -181,29 +183,33 @@ class _Leader:
     """
 
     def __init__(self, run: RunDir, stream: FrameStream, spec: RunSpec, cfg: DictConfig, identity: str, live: _Watchers,
-                 followers: _Followers):
-        self.run_dir, self.stream, self.spec, self.identity, self.followers = run, stream, spec, identity, followers
-        self.manifest = discard_after(run, run.manifest, stream.emitted)
+                 followers: _Followers, resumed: bool):
+        self.run_dir, self.stream, self.spec, self.cfg, self.identity, self.followers = run, stream, spec, cfg, identity, followers
+        self.kept = spec.kept_input_frames if resumed else 0  # the kept input's frames already written
+        self.manifest = discard_after(run, run.manifest, self.kept + stream.emitted)
         run.write_manifest(self.manifest)
-        self.outputs = Outputs(run, spec, cfg, self.manifest["segments"], stream.emitted)
+        self.outputs = Outputs(run, spec, cfg, self.manifest["segments"], self.kept + stream.emitted)
         self.checkpoints = 0
         self.decoder = Decoder(stream, cfg.runtime.overlap_decode)
         self.pending: deque[Future] = deque()  # frames computed but not yet written, oldest first
         self.live, self.progress = live, live.progress
-        self.progress.start(stream.emitted)
+        self.progress.start(self.kept + stream.emitted)
 
     def checkpoint(self) -> None:
         """Cut the segments, then replace the manifest, then the engine state (each step a crash point).
 
         A write that fails (a full disk) leaves the previous checkpoint in force: resume starts from it.
+        None is written before the kept input is (a state on disk says it is all written).
         """
+        if self.kept < self.spec.kept_input_frames:
+            return
         self.checkpoints += 1
         count = self.checkpoints
         saved = self.manifest["frames_written"]
         self.outputs.cut()
         _fault("segments", count)
         try:
-            self.manifest["frames_written"] = self.stream.emitted
+            self.manifest["frames_written"] = self.kept + self.stream.emitted
             self.run_dir.write_manifest(self.manifest, lambda: _fault("manifest", count))
             self.run_dir.save_state({"stream": self.stream.state_dict(), "fingerprint": self.identity}, lambda: _fault("state", count))
             self.progress.checkpoint()
@@ -216,18 +222,30 @@ class _Leader:
     def write_pending(self, keep: int = 0, failed: bool = False) -> None:
         """Write all but the newest ``keep`` pending frames; once an output ``failed``, to those that still work."""
         while len(self.pending) > keep:
-            frame = self.pending.popleft().result()
-            self.manifest["frame_sha256"].append(hashlib.sha256(np.ascontiguousarray(frame).tobytes()).hexdigest())
-            try:
-                self.outputs.write(frame)
-            except SinkError:
-                if not failed:
-                    raise
-            done = len(self.manifest["frame_sha256"])
-            self.progress.frame(self.stream.storyboard.prompt_at(done - 1))
-            if self.live.preview_every and done % self.live.preview_every == 0:
-                write_preview(self.run_dir.path, frame)
-            _fault("frame", done)
+            self.write(self.pending.popleft().result(), failed)
+
+    def write(self, frame: np.ndarray, failed: bool = False) -> None:
+        """Write one frame to the outputs and the manifest (see :meth:`write_pending` for ``failed``)."""
+        self.manifest["frame_sha256"].append(hashlib.sha256(np.ascontiguousarray(frame).tobytes()).hexdigest())
+        try:
+            self.outputs.write(frame)
+        except SinkError:
+            if not failed:
+                raise
+        done = len(self.manifest["frame_sha256"])
+        self.progress.frame(self.stream.storyboard.prompt_at(max(done - 1 - self.spec.kept_input_frames, 0)))
+        if self.live.preview_every and done % self.live.preview_every == 0:
+            write_preview(self.run_dir.path, frame)
+        _fault("frame", done)
+
+    def write_kept_input(self) -> None:
+        """``--keep-input``: write the init video's frames, then a checkpoint, before the first tick."""
+        for frame in kept_input(self.spec, self.cfg):
+            self.write(frame)
+        self.kept = len(self.manifest["frame_sha256"])
+        if self.kept != self.spec.kept_input_frames:
+            raise RunError(f"the init video gave {self.kept} frames, but {self.spec.kept_input_frames} were counted when the run started")
+        self.checkpoint()
 
     def take_prompt(self) -> None:
         """Apply one waiting live prompt: check it, record it in run.json, then add it to the stream."""
@@ -256,6 +274,8 @@ class _Leader:
         """Generate and write frames until all are done or a signal stops the job; returns its exit code (0: none)."""
         code = 0
         with _StopFlag() as stop:
+            if self.kept < self.spec.kept_input_frames:
+                self.write_kept_input()
             while self.stream.emitted < self.spec.frames:
                 self.take_prompt()
                 code, z = self.followers.advance(stop.code)
@@ -293,10 +313,10 @@ class _Leader:
             raise close_error
         self.outputs.join()
         _fault("join", 1)
-        self.outputs.verify(self.spec.frames)
+        self.outputs.verify(self.spec.output_frames)
         self.manifest["finished"] = True
         self.run_dir.write_manifest(self.manifest)
-        self.progress.note({"event": "finished", "frame": self.spec.frames})
+        self.progress.note({"event": "finished", "frame": self.spec.output_frames})
 
     def _stopped(self, failure: SinkError | None, code: int) -> None:
         """Raise why the run stopped early: an output lost, or a signal (exit ``code``)."""

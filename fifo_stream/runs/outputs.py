@@ -63,7 +63,7 @@ class Outputs:
             self.live.append(BackgroundSink(open_sink(target, w, h, fps, start=start)))
         elif kind == "hls":
             o = cfg.output
-            sink = open_sink(target, w, h, fps, start=start, frames=self.spec.frames, list_size=o.hls_list_size,
+            sink = open_sink(target, w, h, fps, start=start, frames=self.spec.output_frames, list_size=o.hls_list_size,
                              segment_seconds=o.hls_segment_seconds, codec=o.codec, crf=o.crf, preset=o.preset)
             self.playlists.append(BackgroundSink(sink))
             self.live.append(self.playlists[-1])

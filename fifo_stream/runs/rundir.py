@@ -48,6 +48,12 @@ class RunSpec:
     init_strength: float | None = None  # SDEdit strength of the init footage (None: the role's default)
     fit: str = "crop"  # how footage is fitted to the video size: crop, pad or stretch
     pad_short: bool = False  # an init video shorter than the window repeats its last frame
+    kept_input_frames: int = 0  # --keep-input: the outputs start with this many frames of the init video, then the new ones
+
+    @property
+    def output_frames(self) -> int:
+        """Frames every output holds when the run is done: the kept input's, then the ``frames`` generated."""
+        return self.kept_input_frames + self.frames
 
     def schedule(self, transition: int) -> Storyboard:
         return Storyboard.parse(self.storyboard or [self.prompt], transition)

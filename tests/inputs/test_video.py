@@ -219,6 +219,15 @@ def test_iter_video_resamples_from_the_first_frame(tmp_path):
     assert np.array_equal(padded[-1], fit_frame(frame(19), 32, 32, "pad"))
 
 
+def test_iter_video_end_aligned_lays_the_grid_of_the_tail(tmp_path):
+    path = write_video(tmp_path / "clip.mkv", 62, 24)
+    assert indices(iter_video(path, 8, W, H)) == list(range(0, 61, 3))
+    aligned = indices(iter_video(path, 8, W, H, end_aligned=True))
+    assert aligned == list(range(1, 62, 3))  # ends on the last frame, as the continuation's base clip does
+    assert aligned[-8:] == indices(read_video_tail(path, 8, 8, W, H).frames)
+    assert indices(iter_video(path, 24, W, H, end_aligned=True)) == list(range(62))  # the same rate: one for one
+
+
 def test_a_cut_off_recording_is_read_up_to_where_it_ends(tmp_path):
     path = write_video(tmp_path / "cut.mkv", 60, 8, codec="ffv1")
     data = path.read_bytes()

@@ -14,16 +14,19 @@ import av
 import numpy as np
 import pytest
 
+import cli_process
 FRAMES, EVERY = 12, 3
 ARGS = ["sampling.partitions=1"]  # S = f: no warm-up ticks, so each process starts emitting at once
 FFPROBE = shutil.which("ffprobe")
 
 
 def cli(*args, env=None, **kw):
-    return subprocess.Popen(
-        [sys.executable, "-m", "fifo_stream", *args],
-        stdout=kw.pop("stdout", subprocess.DEVNULL), stderr=subprocess.PIPE, env={**os.environ, **(env or {})}, **kw,
-    )
+    """The command, started; with pipes given (``stdout=``, ``stdin=``) through ``python -m fifo_stream``."""
+    env = {**os.environ, **(env or {})}
+    if not kw:
+        return cli_process.start(*args, env=env)
+    return subprocess.Popen([sys.executable, "-m", "fifo_stream", *args], stdout=kw.pop("stdout", subprocess.DEVNULL),
+                            stderr=subprocess.PIPE, env=env, **kw)
 
 
 def finish(proc, timeout=300):
