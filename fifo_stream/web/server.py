@@ -75,6 +75,7 @@ class LiveServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
+        self._streams: set[queue.Queue] = set()  # the open event streams' queues
 
     @property
     def url(self) -> str:
@@ -109,7 +110,10 @@ class LiveServer:
         await runner.cleanup()
 
     def stop(self) -> None:
-        if self._loop is not None and self._stopping is not None:
+        """End the open event streams, then the server (without this a stream would hold it up to a heartbeat)."""
+        for events in list(self._streams):
+            events.put(None)
+        if self._loop is not None and self._stopping is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stopping.set)
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -169,17 +173,21 @@ class LiveServer:
         response.headers.update(HEADERS)
         await response.prepare(request)
         events = self.progress.subscribe()
+        self._streams.add(events)
         try:
             await response.write(f"data: {json.dumps({'event': 'status', **self._status()})}\n\n".encode())
             while True:
                 try:
                     event = await asyncio.to_thread(events.get, True, HEARTBEAT)
+                    if event is None:  # the server stops
+                        break
                     await response.write(f"data: {json.dumps(event)}\n\n".encode())
                 except queue.Empty:
                     await response.write(b": keep-alive\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
+            self._streams.discard(events)
             self.progress.unsubscribe(events)
         return response
 

@@ -3,6 +3,7 @@
 import http.client
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -10,6 +11,7 @@ import pytest
 
 from fifo_stream.live import LiveControl, Progress
 from fifo_stream.web import LiveServer, ServeError
+from fifo_stream.web.server import HEARTBEAT
 
 
 class FakeLoop:
@@ -112,6 +114,9 @@ def test_a_prompt_is_answered_with_its_frame_and_reaches_the_events(serve):
     assert status == 200 and json.loads(body) == {"frame": 40, "prompt": "a blue square moves left on a white background", "transition": 4}
     event = json.loads(events.readline()[len(b"data: "):])
     assert event == {"event": "prompt", "frame": 40, "prompt": "a blue square moves left on a white background", "transition": 4, "source": "web"}
+    started = time.monotonic()
+    server.stop()  # ends the open stream at once, not at its next heartbeat
+    assert events.read().strip() == b"" and time.monotonic() - started < HEARTBEAT / 3
     conn.close()
 
 
