@@ -181,15 +181,21 @@ class FrameStream:
         guided_eps(self._unet, x, t, cond, uncond, s.guidance_scale, self.engine.max_batch, self.refbank.attention_kwargs(layout))
         self.refbank.commit()
 
-    def next_latent(self) -> torch.Tensor:
-        """The next emitted latent (b, c, h, w), skipping warm-up ticks."""
+    def tick(self) -> torch.Tensor | None:
+        """One tick of the queue (the base clip first): the latent (b, c, h, w) it emits, None in warm-up."""
         if self.engine.queue is None:
             self.start()
-        while True:
-            z = self.engine.step(*self._contexts())
-            if self.engine.tick > self.skip:
-                self.emitted += 1
-                return z
+        z = self.engine.step(*self._contexts())
+        if self.engine.tick <= self.skip:
+            return None
+        self.emitted += 1
+        return z
+
+    def next_latent(self) -> torch.Tensor:
+        """The next emitted latent (b, c, h, w), skipping warm-up ticks."""
+        while (z := self.tick()) is None:
+            pass
+        return z
 
     @property
     def live_frame(self) -> int:
@@ -202,11 +208,16 @@ class FrameStream:
         slots = self.settings.queue_length - 1 - self.settings.emit_slot  # ticks from the tail slot to emission
         return max(self.engine.tick + slots - self.skip, 1)
 
-    def add_scene(self, frame: int, prompt: str, transition: int | None = None) -> None:
-        """Append a scene from emitted frame ``frame`` (>= :attr:`live_frame`) to the storyboard."""
+    def plan_scene(self, frame: int, prompt: str, transition: int | None = None) -> Storyboard:
+        """The storyboard :meth:`add_scene` would make (nothing changes); refuses what it would refuse."""
         if frame < self.live_frame:
             raise StoryboardError(f"frame {frame} is already in the queue; a prompt can start at frame {self.live_frame} or later")
-        storyboard = self.storyboard.add(frame, prompt, transition)
+        self.model.text_encoder.tokenizer([prompt])  # unknown words
+        return self.storyboard.add(frame, prompt, transition)
+
+    def add_scene(self, frame: int, prompt: str, transition: int | None = None) -> None:
+        """Append a scene from emitted frame ``frame`` (>= :attr:`live_frame`) to the storyboard."""
+        storyboard = self.plan_scene(frame, prompt, transition)
         context = self.model.encode_text([prompt])
         self.storyboard, self.scene_contexts = storyboard, torch.cat([self.scene_contexts, context])
 

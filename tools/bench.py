@@ -101,7 +101,7 @@ def frame_flops(stream: FrameStream) -> dict:
     """
     backend = sdpa_kernel([SDPBackend.MATH]) if stream.model.device.type == "cpu" else contextlib.nullcontext()
     with backend, FlopCounterMode(display=False) as unet:
-        z = stream.engine.step(*stream._contexts())
+        z = stream.tick()
     with FlopCounterMode(display=False) as vae:
         stream.decode(z)
     (u_mm, u_conv), (v_mm, v_conv) = split_flops(unet), split_flops(vae)

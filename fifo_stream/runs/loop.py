@@ -256,10 +256,7 @@ class _Leader:
             frame = self.stream.live_frame if request.frame is None else request.frame
             if frame >= self.spec.frames:
                 raise FifoStreamError(f"frame {frame} is past the video's last frame ({self.spec.frames - 1})")
-            self.stream.model.text_encoder.tokenizer([request.prompt])
-            storyboard = self.stream.storyboard.add(frame, request.prompt, request.transition)
-            if frame < self.stream.live_frame:
-                raise FifoStreamError(f"frame {frame} is already in the queue; a prompt can start at frame {self.stream.live_frame} or later")
+            storyboard = self.stream.plan_scene(frame, request.prompt, request.transition)
         except FifoStreamError as e:
             self.progress.error(f"prompt refused ({request.source}): {e}")
             request.answer.set_exception(e)
