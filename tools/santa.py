@@ -4,6 +4,7 @@
     python tools/santa.py --out runs/santa-quick --seeds 4 --frames 512 --settings plain,bank,bank+qcache
     python tools/santa.py --out runs/santa-story --storyboard --settings plain,recommended
     python tools/santa.py --ckpt runs/v2/tiny-shapes.safetensors ...   # a world v2 model (see models/tiny-shapes.md)
+    python tools/santa.py --windows 16 --ckpt ...   # first: does the model keep them within one window?
 
 Every prompt leaves the body color open ("a circle moves right on a black background") and
 no prompt names the hat, so both are chosen by the first frames' noise; the question is whether
@@ -14,6 +15,10 @@ held >= 4 frames) and frames until the first change for each open attribute.
 
 ``--storyboard`` runs three scenes that never name the color (direction and background change
 at frames 600 and 1,200; use --frames 1800 or more) to measure identity across scene changes.
+
+``--windows N`` checks the model first: N plain DDIM clips of one window (every frame at one
+noise level, no FIFO), the color left open. Controls that carry identity from window to window
+cannot help a model that does not keep it within one (``OUT/windows.json``).
 
 Resumable: each finished cell is written to ``OUT/cells/`` and skipped on the next run. The
 summary is ``OUT/results.json``, ``OUT/results.md`` (a Markdown table) and ``OUT/results.png``
@@ -29,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,7 +45,8 @@ from fifo_stream.config import load_config  # noqa: E402
 from fifo_stream.consistency.storyboard import Storyboard  # noqa: E402
 from fifo_stream.durable import atomic_write  # noqa: E402
 from fifo_stream.models.loading import load_model  # noqa: E402
-from fifo_stream.pipeline import generate  # noqa: E402
+from fifo_stream.pipeline import fifo_settings, generate  # noqa: E402
+from fifo_stream.sampling.ddim import sample_ddim  # noqa: E402
 
 BANK = ["consistency.refbank.enabled=true"]
 SETTINGS = {
@@ -84,6 +91,34 @@ def run_cell(model, cfg, text: str | list[str], frames: int, seed: int) -> dict:
     report["s_per_frame"] = seconds / frames
     report["seed"] = seed
     return report
+
+
+def agreement(values: list) -> tuple[bool, float]:
+    """(every frame shows one value, the fraction of frames showing the most common one); None (unreadable) never agrees."""
+    read = [v for v in values if v is not None]
+    return len(read) == len(values) and len(set(read)) == 1, max((read.count(v) for v in read), default=0) / len(values)
+
+
+def window_check(model, cfg, seeds: int) -> dict:
+    """Per open attribute: the fraction of one-window DDIM clips showing one value in every frame,
+    and the mean fraction of a clip's frames showing its most common value (unreadable frames never agree)."""
+    s = fifo_settings(cfg, model)
+    unet = lambda x, t, c, attention_kwargs=None: model.unet(x, t, c, s.fps, attention_kwargs)  # noqa: E731
+    uncond = model.encode_text([cfg.sampling.negative_prompt])
+    h, w = cfg.video.height // model.spatial_factor, cfg.video.width // model.spatial_factor
+    one, share = {"color": [], "hat": []}, {"color": [], "hat": []}
+    for seed in range(seeds):
+        g = torch.Generator(device=model.device).manual_seed(seed)
+        noise = torch.randn((1, model.unet.in_channels, s.frames, h, w), generator=g, device=model.device)
+        cond = model.encode_text([prompt(seed, False)])
+        clip = sample_ddim(unet, noise, cond, uncond, model.alphas, s.steps, s.guidance_scale, s.eta, g, model.scales, s.clip_x0)
+        readings = [world.read_frame(f) for f in model.decode(clip, cfg.sampling.vae_batch)[0].numpy()]
+        for attr in one:
+            kept, agreeing = agreement([getattr(r, attr) for r in readings])
+            one[attr].append(kept)
+            share[attr].append(agreeing)
+    return {"seeds": seeds, "frames": s.frames,
+            **{f"{a}_one_value": float(np.mean(one[a])) for a in one}, **{f"{a}_agreement": float(np.mean(share[a])) for a in one}}
 
 
 def summarize(cells: dict[str, list[dict]]) -> dict:
@@ -149,6 +184,7 @@ def main(argv=None) -> None:
     p.add_argument("--storyboard", action="store_true", help="three scenes, changing at frames 600 and 1,200")
     p.add_argument("--config", default="tiny")
     p.add_argument("--ckpt", default=None, help="model weights (default: the config's); hats need a world v2 model")
+    p.add_argument("--windows", type=int, default=0, metavar="N", help="only check N one-window clips (see above)")
     args = p.parse_args(argv)
     names = args.settings.split(",")
     unknown = [n for n in names if n not in SETTINGS]
@@ -157,9 +193,15 @@ def main(argv=None) -> None:
     if args.storyboard and args.frames <= SCENE_CHANGES[-1]:
         raise SystemExit(f"error: --storyboard needs --frames above {SCENE_CHANGES[-1]} (its last scene starts there)")
     out = Path(args.out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    cells: dict[str, list[dict]] = {}
+    out.mkdir(parents=True, exist_ok=True)
     model = load_model(load_config(args.config), args.ckpt)  # the settings change sampling and consistency, not the model
+    if args.windows:
+        report = window_check(model, load_config(args.config), args.windows)
+        atomic_write(out / "windows.json", (json.dumps(report) + "\n").encode())
+        print(json.dumps(report))
+        return
+    (out / "cells").mkdir(exist_ok=True)
+    cells: dict[str, list[dict]] = {}
     for seed in range(args.seeds):  # seeds outermost: an interrupted grid has every setting on the first seeds
         for name in names:
             path = out / "cells" / f"{name}-{seed}.json"

@@ -43,3 +43,13 @@ def test_a_small_grid_writes_its_cells_and_resumes(tmp_path, capsys):
     assert '"setting"' not in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown setting"):
         santa.main([*base, "--settings", "plain,nonsense"])
+
+
+def test_window_agreement_and_check(tmp_path):
+    assert santa.agreement(["red"] * 8) == (True, 1.0)
+    assert santa.agreement(["red"] * 6 + ["blue", None]) == (False, 0.75)
+    assert santa.agreement([None] * 8) == (False, 0.0)
+    santa.main(["--out", str(tmp_path), "--windows", "2", "--config", "tiny-random"])
+    report = json.loads((tmp_path / "windows.json").read_text())
+    assert report["seeds"] == 2 and report["frames"] == 8 and not (tmp_path / "cells").exists()
+    assert all(0.0 <= report[f"{a}_{m}"] <= 1.0 for a in ("color", "hat") for m in ("one_value", "agreement"))
