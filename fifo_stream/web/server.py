@@ -107,12 +107,11 @@ class LiveServer:
         await web.SockSite(runner, sock).start()
         ready.set()
         await self._stopping.wait()
+        for events in self._streams:  # end the open event streams, or each would hold cleanup up to a heartbeat
+            events.put(None)
         await runner.cleanup()
 
     def stop(self) -> None:
-        """End the open event streams, then the server (without this a stream would hold it up to a heartbeat)."""
-        for events in list(self._streams):
-            events.put(None)
         if self._loop is not None and self._stopping is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stopping.set)
         if self._thread is not None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import cli_process
+
 FRAMES, EVERY = 12, 3
 ARGS = ["sampling.partitions=1"]  # S = f: no warm-up ticks, so each process starts emitting at once
 FFPROBE = shutil.which("ffprobe")
