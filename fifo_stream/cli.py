@@ -188,7 +188,7 @@ def cmd_generate(args) -> None:
     from .models.loading import load_model
     from .pipeline import check_world_size
     from .consistency.refbank import select_layers
-    from .runs.inputs import kept_input, load_inputs
+    from .runs.inputs import kept_input_length, load_inputs
     from .runs.loop import execute
     from .runs.rundir import LIVE_PLAYLIST, SEGMENTS, RunDir, RunSpec, fingerprint
     from .outputs.targets import validate_targets
@@ -221,7 +221,7 @@ def cmd_generate(args) -> None:
     )
     load_inputs(spec, cfg, cfg.model.unet.temporal_length)  # a bad file fails before anything is written
     if args.keep_input:
-        spec.kept_input_frames = sum(1 for _ in kept_input(spec, cfg))
+        spec.kept_input_frames = kept_input_length(spec, cfg)
     live = _LiveFromArgs(args, spec.output_frames, storyboard.to_json(), outputs)
     validate_targets(outputs, run_dir / SEGMENTS)
     distributed.from_main(lambda: RunDir.check_new(run_dir))

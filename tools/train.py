@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty prompt")
     p.add_argument("--fifo-fraction", type=float, default=0.5, help="fraction of batches with FIFO per-frame timesteps")
     p.add_argument("--focus", type=float, default=0.75, help="fraction of one-timestep batches drawn from the sampler's FIFO levels")
+    p.add_argument("--object-weight", type=float, default=1.0, help="loss weight of latent cells covered by an object (1: unweighted)")
     p.add_argument("--offset-noise", type=float, default=0.3, help="weight of a per-clip constant, one per color (pixel_shuffle) or latent channel, added to the noise")
     p.add_argument("--coarse-noise", type=float, default=0.2, help="weight of a per-clip 4x4 noise field, upsampled, added to the noise")
     p.add_argument("--init", default=None, help="fine-tune: start the U-Net, text encoder and VAE from these exported weights (a .safetensors)")
@@ -123,20 +124,27 @@ def clip_shape(cfg, step: int, args) -> tuple[int, int]:
     return args.batch, f
 
 
-def batch(cfg, codec, step: int, args, device) -> tuple[torch.Tensor, list[str]]:
-    """Clean latents (B, c, f, h, w) and captions of training step ``step``."""
+def batch(cfg, codec, step: int, args, device) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Clean latents (B, c, f, h, w), captions and loss weights (B, 1, f, h, w) of training step ``step``.
+
+    A latent cell's weight is 1 plus ``--object-weight - 1`` times the fraction of its pixels that
+    show an object: the hat is about one latent row, and an unweighted loss is mostly background.
+    """
     size = cfg.video.height
     count, f = clip_shape(cfg, step, args)
-    clips, captions = [], []
+    clips, masks, captions = [], [], []
     rng = np.random.default_rng([args.seed, step])
     for i in range(count):
-        video, text = world.sample_clip(int(rng.integers(2**62)), size, f, args.open_identity)
-        clips.append(video)
-        captions.append("" if rng.random() < args.cfg_dropout else text)
+        scene = world.random_scene(size, int(rng.integers(2**62)), open_identity=args.open_identity)
+        clips.append(world.render(scene, size, f))
+        masks.append(world.object_mask(scene, size, f))
+        captions.append("" if rng.random() < args.cfg_dropout else scene.caption)
     pixels = torch.from_numpy(np.stack(clips)).to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # b t 3 H W
     b, t = pixels.shape[:2]
     z = encode_frames(codec, pixels.flatten(0, 1), cfg.model.schedule.scale_factor, cfg.model.vae.upscale)
-    return z.unflatten(0, (b, t)).transpose(1, 2), captions
+    cover = F.adaptive_avg_pool2d(torch.from_numpy(np.stack(masks)).to(device).float(), z.shape[-2:])  # b t h w
+    weights = 1 + (args.object_weight - 1) * cover
+    return z.unflatten(0, (b, t)).transpose(1, 2), captions, weights[:, None]
 
 
 def timesteps(cfg, step: int, args, b: int, f: int, device) -> torch.Tensor:
@@ -248,13 +256,13 @@ def main(argv=None) -> None:
     t0 = time.time()
     while step < args.steps:
         torch.manual_seed(args.seed * 1_000_003 + step)  # dropout masks: a function of the step, so resuming changes nothing
-        x0, captions = batch(cfg, codec, step, args, device)
+        x0, captions, weights = batch(cfg, codec, step, args, device)
         t = timesteps(cfg, step, args, x0.shape[0], x0.shape[2], device)
         g = torch.Generator(device=device).manual_seed(args.seed * 7919 + step)
         eps = training_noise(x0.shape, args, g, device, shared)
         a = alphas[t][:, None, :, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = F.mse_loss(unet(xt, t, text(captions), cfg.video.fps), eps)
+        loss = (weights * (unet(xt, t, text(captions), cfg.video.fps) - eps).pow(2)).mean() / weights.mean()
         optimizer_step(opt, loss, lr_at(step, args))
         decay = min(args.ema, (1 + step) / (10 + step))  # short memory early on, so the EMA forgets the init
         with torch.no_grad():

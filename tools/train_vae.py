@@ -48,7 +48,7 @@ def frames(cfg, step: int, args) -> torch.Tensor:
     f, size = cfg.model.unet.temporal_length, cfg.video.height
     rng = np.random.default_rng([args.seed, 1, step])
     out = []
-    for _ in range(args.vae_batch // 2):  # frame 0 and a later frame of a training clip (world.sample_clip's scene)
+    for _ in range(args.vae_batch // 2):  # frame 0 and a later frame of a training clip (train.batch's scenes)
         scene = world.random_scene(size, int(rng.integers(2**62)), open_identity=args.open_identity)
         out += [world.render(scene, size, 1)[0], world.render(scene, size, 1, start=int(rng.integers(1, f)))[0]]
     x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -107,16 +107,36 @@ def iter_video(path: str | os.PathLike, fps: float, width: int, height: int, fit
     return _iter_video(name, fps, width, height, fit, rate, end_aligned)
 
 
+def video_grid_length(path: str | os.PathLike, fps: float) -> int:
+    """How many frames ``iter_video`` gives for ``path`` at ``fps`` (either alignment), from the
+    frame times alone: it decodes the video but converts and fits no frame. Same InputErrors."""
+    name = check_file(path, "video", VIDEO_KINDS)
+    with open_media(name, "video", VIDEO_KINDS) as container:
+        rate = _header_rate(_video_stream(container, name))
+    times = _frame_times(name)
+    if rate is not None and _same_rate(rate, fps):
+        return len(times)
+    return _grid_steps(times, fps) + 1
+
+
+def _frame_times(name: str) -> list[float]:
+    """The time of every decodable frame of the video ``name``, in display order."""
+    with open_media(name, "video", VIDEO_KINDS) as container:
+        return [time for time, _ in _decoded(container, _video_stream(container, name), name)]
+
+
+def _grid_steps(times: list[float], fps: float) -> int:
+    """How many grid steps of ``fps`` fit between the first and the last frame."""
+    return math.floor((times[-1] - times[0]) * fps + TIME_TOLERANCE)
+
+
 def _iter_video(name: str, fps: float, width: int, height: int, fit: str, rate: float | None,
                 end_aligned: bool) -> Iterator[np.ndarray]:
     tolerance = TIME_TOLERANCE / fps
     origin = None
     if end_aligned and not (rate is not None and _same_rate(rate, fps)):
-        with open_media(name, "video", VIDEO_KINDS) as container:
-            first = last = None
-            for last, _ in _decoded(container, _video_stream(container, name), name):
-                first = last if first is None else first
-        origin = last - math.floor((last - first) * fps + TIME_TOLERANCE) / fps
+        times = _frame_times(name)
+        origin = times[-1] - _grid_steps(times, fps) / fps
     with open_media(name, "video", VIDEO_KINDS) as container:
         frames = _decoded(container, _video_stream(container, name), name)
         if rate is not None and _same_rate(rate, fps):

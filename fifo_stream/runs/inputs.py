@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from ..inputs.fit import fit_frame
 from ..inputs.image import read_image
 from ..inputs.record import check_input, describe_input
-from ..inputs.video import iter_video, read_video_tail
+from ..inputs.video import iter_video, read_video_tail, video_grid_length
 from ..pipeline import StartClip
 from .rundir import RunSpec
 
@@ -57,3 +57,8 @@ def load_inputs(spec: RunSpec, cfg: DictConfig, frames_per_window: int) -> tuple
 def kept_input(spec: RunSpec, cfg: DictConfig) -> Iterator[np.ndarray]:
     """The init video's frames the outputs start with (``--keep-input``), on the grid its continuation is on."""
     return iter_video(spec.inputs["init_video"]["path"], cfg.video.fps, cfg.video.width, cfg.video.height, spec.fit, end_aligned=True)
+
+
+def kept_input_length(spec: RunSpec, cfg: DictConfig) -> int:
+    """How many frames ``kept_input`` gives (from the frame times: no frame is converted or fitted)."""
+    return video_grid_length(spec.inputs["init_video"]["path"], cfg.video.fps)

@@ -28,5 +28,5 @@ from .scenes import (
     background_image,
     shape_mask,
     render,
-    sample_clip,
+    object_mask,
 )

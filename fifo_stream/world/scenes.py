@@ -177,7 +177,10 @@ def render(scene: Scene, size: int, frames: int, start: int = 0) -> np.ndarray:
     return video
 
 
-def sample_clip(seed: int, size: int, frames: int, open_identity: bool = False) -> tuple[np.ndarray, str]:
-    """A training example: the first ``frames`` frames of a random scene, and its caption."""
-    scene = random_scene(size, seed, open_identity=open_identity)
-    return render(scene, size, frames), scene.caption
+def object_mask(scene: Scene, size: int, frames: int, start: int = 0) -> np.ndarray:
+    """Where ``render`` draws an object (hat included) in frames ``start ..``: bool (frames, size, size)."""
+    masks = np.zeros((frames, size, size), dtype=bool)
+    for obj in scene.objects:
+        for i, center in enumerate(positions(obj, size, frames, start)):
+            masks[i] |= shape_mask(obj.shape, center, obj.radius, size)
+    return masks

@@ -11,7 +11,7 @@ import pytest
 from fifo_stream.errors import FifoStreamError, InputError
 from fifo_stream.inputs import video
 from fifo_stream.inputs.fit import fit_frame
-from fifo_stream.inputs.video import VideoTail, iter_video, read_video_tail
+from fifo_stream.inputs.video import VideoTail, iter_video, read_video_tail, video_grid_length
 from media import write_tone
 
 W, H = 64, 48
@@ -226,6 +226,13 @@ def test_iter_video_end_aligned_lays_the_grid_of_the_tail(tmp_path):
     assert aligned == list(range(1, 62, 3))  # ends on the last frame, as the continuation's base clip does
     assert aligned[-8:] == indices(read_video_tail(path, 8, 8, W, H).frames)
     assert indices(iter_video(path, 24, W, H, end_aligned=True)) == list(range(62))  # the same rate: one for one
+    assert video_grid_length(path, 8) == len(aligned) and video_grid_length(path, 24) == 62
+
+
+@pytest.mark.parametrize("fps", [5, 7.5, 8, 24, 30])
+def test_video_grid_length_counts_iter_video_frames_without_fitting_them(tmp_path, fps):
+    path = write_video(tmp_path / "clip.mkv", 37, 24)
+    assert video_grid_length(path, fps) == len(list(iter_video(path, fps, W, H))) == len(list(iter_video(path, fps, W, H, end_aligned=True)))
 
 
 def test_a_cut_off_recording_is_read_up_to_where_it_ends(tmp_path):

@@ -60,9 +60,13 @@ def test_short_clip_steps_spend_the_same_frames_on_more_scenes():
     assert 16 <= shapes.count((32, 1)) <= 48
     assert {train.clip_shape(cfg, step, train.parse_args(["--short-fraction", "0"])) for step in range(64)} == {(4, 8)}
     step = shapes.index((32, 1))
-    x0, captions = train.batch(cfg, codec, step, args, "cpu")
+    x0, captions, weights = train.batch(cfg, codec, step, args, "cpu")
     assert x0.shape == (32, 4, 1, 8, 8) and len(captions) == 32
     assert len({tuple(x0[i].flatten().tolist()) for i in range(32)}) == 32  # 32 different scenes
+    assert weights.shape == (32, 1, 1, 8, 8) and torch.all(weights == 1)  # unweighted by default
+    x0_weighted, _, weights = train.batch(cfg, codec, step, train.parse_args(["--object-weight", "5"]), "cpu")
+    assert torch.equal(x0_weighted, x0) and weights.min() == 1 and weights.max() == 5  # background 1, cells inside an object 5
+    assert 0.05 < ((weights > 1).float().mean()) < 0.5
     t = train.timesteps(cfg, step, args, 32, 1, "cpu")
     assert t.shape == (32, 1)
 

@@ -47,6 +47,15 @@ def test_shape_masks_fill_their_bounding_box_as_designed():
     assert fills["triangle"] == pytest.approx(0.5, abs=0.04)
 
 
+def test_object_mask_is_where_render_draws_the_objects():
+    hatted = world.WorldObject("triangle", "red", 12.0, (20.0, 40.0), (2.0, -1.0), "blue")
+    plain = world.WorldObject("circle", "green", 9.0, (44.0, 20.0), (-1.0, 2.0), None)
+    scene = world.Scene((hatted, plain), "black")
+    drawn = (world.render(scene, SIZE, 6, start=3) != world.background_image("black", SIZE)).any(-1)
+    mask = world.object_mask(scene, SIZE, 6, start=3)
+    assert mask.shape == (6, SIZE, SIZE) and np.array_equal(mask, drawn) and mask.any()
+
+
 @pytest.mark.parametrize("open_identity", [False, True], ids=["v1", "v2"])
 def test_captions_follow_the_grammar_and_parse_back(open_identity):
     for seed in range(40):
