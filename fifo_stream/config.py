@@ -231,6 +231,7 @@ class RefBankConfig:
 
 @dataclass
 class ConsistencyConfig:
+    enabled: bool = True  # master switch: false turns every consistency control off (Q-cache, reference bank, tail noise: iid), for comparisons
     qcache: QCacheConfig = option(factory=QCacheConfig)
     refbank: RefBankConfig = option(factory=RefBankConfig)
 
@@ -311,6 +312,9 @@ def load_config(name: str | Path | None = None, overrides: list[str] | tuple[str
             cfg = _merge(cfg, part)
         except ConfigError as e:
             raise ConfigError(f"{e} (in {source}: fix it there)" if source is not None else str(e)) from None
+    if not cfg.consistency.enabled:
+        cfg.consistency.qcache.enabled = cfg.consistency.refbank.enabled = False
+        cfg.sampling.tail_noise = "iid"
     validate(cfg)
     return cfg
 

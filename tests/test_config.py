@@ -75,6 +75,15 @@ def test_rules_that_tie_options_together():
     assert cfg.model.vae.factor == 8
 
 
+def test_the_master_switch_turns_every_consistency_control_off():
+    on = ["consistency.qcache.enabled=true", "consistency.refbank.enabled=true", "sampling.tail_noise=coherent"]
+    cfg = load_config("tiny-random", on)
+    assert cfg.consistency.enabled and cfg.consistency.qcache.enabled and cfg.consistency.refbank.enabled and cfg.sampling.tail_noise == "coherent"
+    for overrides in (["consistency.enabled=false", *on], [*on, "consistency.enabled=false"]):  # whatever the order
+        cfg = load_config("tiny-random", overrides)
+        assert not (cfg.consistency.qcache.enabled or cfg.consistency.refbank.enabled) and cfg.sampling.tail_noise == "iid"
+
+
 def test_unknown_keys_name_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown config key 'sampling.partition' \(valid keys in sampling: partitions, lookahead"):
         load_config("tiny-random", ["sampling.partition=2"])

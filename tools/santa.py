@@ -48,10 +48,12 @@ from fifo_stream.models.loading import load_model  # noqa: E402
 from fifo_stream.pipeline import fifo_settings, generate  # noqa: E402
 from fifo_stream.sampling.ddim import sample_ddim  # noqa: E402
 
-BANK = ["consistency.refbank.enabled=true"]
+OFF = ["consistency.qcache.enabled=false", "consistency.refbank.enabled=false", "sampling.tail_noise=iid"]
+BANK = [*OFF, "consistency.refbank.enabled=true"]
+# Each setting is every control off but its own, whatever the config turns on; "recommended" is the config's own.
 SETTINGS = {
-    "plain": [],
-    "qcache": ["consistency.qcache.enabled=true"],
+    "plain": ["consistency.enabled=false"],
+    "qcache": [*OFF, "consistency.qcache.enabled=true"],
     "bank": BANK,
     "bank-replace": [*BANK, "consistency.refbank.mode=replace"],
     "bank-m0.95": [*BANK, "consistency.refbank.momentum=0.95"],
@@ -59,11 +61,11 @@ SETTINGS = {
     "bank-all-layers": [*BANK, "consistency.refbank.layers=all"],
     "bank-encoder": [*BANK, "consistency.refbank.layers=encoder"],
     "bank+qcache": [*BANK, "consistency.qcache.enabled=true"],
-    "tail-coherent": ["sampling.tail_noise=coherent"],
-    "tail-dependency": ["sampling.tail_noise=dependency"],
-    "tail-mixed": ["sampling.tail_noise=mixed"],
+    "tail-coherent": [*OFF, "sampling.tail_noise=coherent"],
+    "tail-dependency": [*OFF, "sampling.tail_noise=dependency"],
+    "tail-mixed": [*OFF, "sampling.tail_noise=mixed"],
+    "recommended": [],
 }
-SETTINGS["recommended"] = SETTINGS["bank"]  # to be chosen from this grid's measurements (none holds identity yet)
 SCENE_CHANGES = (600, 1200)
 
 

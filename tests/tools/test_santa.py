@@ -23,6 +23,18 @@ def test_prompts_leave_the_color_open_and_storyboards_never_name_it():
         assert all(world.parse_caption(s)[0][0] == (None, pair[1]) for s in story)
 
 
+def test_each_setting_turns_on_only_its_own_controls_whatever_the_config_turns_on():
+    from fifo_stream.config import load_config
+
+    config_on = ["consistency.qcache.enabled=true", "consistency.refbank.enabled=true", "sampling.tail_noise=mixed"]
+    for name, overrides in santa.SETTINGS.items():
+        cfg = load_config("tiny-random", [*config_on, *overrides])
+        on = {k for k, v in (("qcache", cfg.consistency.qcache.enabled), ("bank", cfg.consistency.refbank.enabled),
+                             ("tail", cfg.sampling.tail_noise != "iid")) if v}
+        want = {"plain": set(), "qcache": {"qcache"}, "bank+qcache": {"bank", "qcache"}, "recommended": {"qcache", "bank", "tail"}}
+        assert on == want.get(name, {"bank"} if name.startswith("bank") else {"tail"}), name
+
+
 def test_a_small_grid_writes_its_cells_and_resumes(tmp_path, capsys):
     out = tmp_path / "grid"
     base = ["--out", str(out), "--seeds", "1", "--frames", "6", "--config", "tiny-random"]
