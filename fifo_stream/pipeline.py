@@ -42,8 +42,6 @@ def check_world_size(cfg: DictConfig) -> None:
     """Refuse what cannot be shared out over the processes of a torchrun job."""
     if distributed.world_size() == 1:
         return
-    if cfg.consistency.refbank.enabled:
-        raise FifoStreamError("consistency.refbank runs on one process: under torchrun each process would record only its own windows")
     if cfg.sampling.mode == "sequential":
         raise FifoStreamError("sampling.mode=sequential runs on one process; use sampling.mode=batched under torchrun")
 
@@ -179,7 +177,7 @@ class FrameStream:
         )
         t, cond, uncond = levels.to(z.device)[:, None], self.cond.expand(s.steps, -1, -1), self.uncond.expand(s.steps, -1, -1)
         guided_eps(self._unet, x, t, cond, uncond, s.guidance_scale, self.engine.max_batch, self.refbank.attention_kwargs(layout))
-        self.refbank.commit()
+        self.refbank.commit(gather=False)  # every rank ran every row
 
     def tick(self) -> torch.Tensor | None:
         """One tick of the queue (the base clip first): the latent (b, c, h, w) it emits, None in warm-up."""

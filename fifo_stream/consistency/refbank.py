@@ -21,9 +21,9 @@ start in the queue below some levels (the base clip's) leave those to the next f
 Later frames passing level k update it with momentum: bank_k <- mu bank_k + (1 - mu) K_new
 (mu = 1: fixed reference, mu = 0: the last frame's). Reads use the bank as it was before
 the tick and updates are applied by :meth:`RefBank.commit` after it, so the result does not
-depend on how the tick's rows are split into calls (batched, sequential, max_batch). All of
-the bank's logic is here; the engine only describes its calls. Several ranks (torch.distributed)
-would each see only their own windows' recordings, so the bank is single-process.
+depend on how the tick's rows are split into calls (batched, sequential, max_batch) or over
+the ranks of a torchrun job (each records its own rows; the commit gathers them all). All of
+the bank's logic is here; the engine only describes its calls.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import torch
 from ..errors import FifoStreamError
 from ..models.attention import Attention, AttnProcessor, attend, PerRow
 from ..models.unet_blocks import SpatialTransformer
+from ..runs import distributed
 from ..sampling.fifo import FrameLayout
 
 SELECTORS = {"decoder": ("output_blocks.",), "encoder": ("input_blocks.",), "middle": ("middle_block.",), "all": ("",)}
@@ -138,10 +139,15 @@ class RefBank:
             record &= ~use  # a fixed reference: only empty entries are recorded
         return {CONTROL: BankRows(entry, use, record)}
 
-    def commit(self) -> None:
-        """Apply the tick's recordings: fill empty entries, blend the others with momentum."""
+    def commit(self, gather: bool = True) -> None:
+        """Apply the tick's recordings: fill empty entries, blend the others with momentum.
+
+        Under torchrun every rank applies every rank's recordings, so all hold the same bank
+        (``gather=False`` where every rank recorded the same rows itself, as for a reference
+        image). An entry is recorded at most once per tick, so the order does not matter.
+        """
         recorded = []
-        for name, entry, k, v in self._pending:
+        for name, entry, k, v in self._gathered() if gather and distributed.world_size() > 1 else self._pending:
             for bank, new in ((self.keys, k), (self.values, v)):
                 if name not in bank:
                     bank[name] = torch.zeros((self.filled.numel(), *new.shape[1:]), dtype=self.dtype, device=new.device)
@@ -152,6 +158,18 @@ class RefBank:
         if recorded:
             self.filled[torch.cat(recorded)] = True
         self._pending.clear()
+
+    def _gathered(self) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Every rank's recordings of the tick, per layer (every rank calls this, in the same layer order)."""
+        device = next(self.unet.parameters()).device
+        out = []
+        for name in self.layers:
+            mine = [p[1:] for p in self._pending if p[0] == name]
+            parts = [torch.cat(t) for t in zip(*mine)] if mine else [None, None, None]
+            entry, k, v = (distributed.gather_uneven(t, device) for t in parts)
+            if entry is not None:
+                out.append((name, entry, k, v))
+        return out
 
     # -- the processors' side ---------------------------------------------------------
 

@@ -119,6 +119,38 @@ def gather(part: torch.Tensor, total: int) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, counts)])
 
 
+MAX_DIMS = 7  # of a gather_uneven part
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]  # a gather_uneven part's
+
+
+def gather_uneven(part: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Concatenate every rank's ``part`` in rank order, on every rank, whatever each holds.
+
+    Parts are rows of one trailing shape and dtype (``None``: no rows); which ranks hold rows
+    and how many is exchanged first. None when no rank holds any.
+    """
+    if world_size() == 1:
+        return part
+    meta = torch.zeros(MAX_DIMS + 1, dtype=torch.int64, device=device)  # rows, trailing shape, dtype code
+    if part is not None:
+        meta[: part.dim()] = torch.tensor(part.shape)
+        meta[MAX_DIMS] = DTYPES.index(part.dtype) + 1
+    metas = [torch.empty_like(meta) for _ in range(world_size())]
+    dist.all_gather(metas, meta)
+    metas = [m.tolist() for m in metas]
+    full = next((m for m in metas if m[MAX_DIMS]), None)
+    if full is None:
+        return None
+    dims = [d for d in full[1:MAX_DIMS] if d]  # trailing sizes are never 0 where a rank holds rows
+    rows = [m[0] if m[MAX_DIMS] else 0 for m in metas]
+    padded = torch.zeros((max(rows), *dims), dtype=DTYPES[full[MAX_DIMS] - 1], device=device)
+    if part is not None:
+        padded[: len(part)] = part
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, rows)])
+
+
 def broadcast_(tensor: torch.Tensor) -> torch.Tensor:
     """Overwrite ``tensor`` with rank 0's in place, on every rank."""
     if world_size() > 1:

@@ -26,6 +26,7 @@ from fifo_stream.models.loading import load_model
 from fifo_stream.pipeline import FrameStream, check_world_size
 
 TOLERANCE = 1e-5  # max |difference| of emitted latents, relative to their max |value|
+BANK = ["consistency.refbank.enabled=true", "consistency.refbank.momentum=0.5", "consistency.qcache.enabled=true"]
 
 
 def free_port():
@@ -43,18 +44,17 @@ def test_shares_are_contiguous_and_uneven_when_they_must_be():
 
 def test_what_cannot_be_shared_out_is_refused_under_torchrun(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    with pytest.raises(FifoStreamError, match="one process"):
-        check_world_size(load_config("tiny-random", ["consistency.refbank.enabled=true"]))
-    check_world_size(load_config("tiny-random", ["consistency.qcache.enabled=true"]))
+    check_world_size(load_config("tiny-random", ["consistency.qcache.enabled=true", "consistency.refbank.enabled=true"]))
     cfg = load_config("tiny-random", ["sampling.mode=sequential"])
     with pytest.raises(FifoStreamError, match="sampling.mode=batched"):
         FrameStream(load_model(cfg), cfg, "a red circle")
 
 
-def latents(overrides, frames):
+def run_stream(overrides, frames):
+    """The emitted latents of ``frames`` frames, and the stream that made them."""
     cfg = load_config("tiny-random", overrides)
     stream = FrameStream(load_model(cfg), cfg, "a red circle", seed=1)
-    return torch.stack([stream.next_latent() for _ in range(frames)])
+    return torch.stack([stream.next_latent() for _ in range(frames)]), stream
 
 
 def rank_main(rank, world, port, overrides, frames, out):
@@ -62,9 +62,11 @@ def rank_main(rank, world, port, overrides, frames, out):
     torch.set_num_threads(1)
     with distributed.job():
         assert distributed.world_size() == world
-        z = latents(overrides, frames)
+        z, stream = run_stream(overrides, frames)
         if distributed.is_main():
             torch.save(z, out)
+        if stream.refbank is not None:
+            torch.save(stream.refbank.state_dict(), out.with_suffix(f".bank{rank}"))
 
 
 @pytest.mark.parametrize(
@@ -72,17 +74,31 @@ def rank_main(rank, world, port, overrides, frames, out):
     [
         (2, ["sampling.lookahead=false", "sampling.partitions=3"]),  # 3 windows: shares 2 and 1
         (3, ["sampling.lookahead=false", "sampling.partitions=2"]),  # 2 windows: one rank has none
+        # The bank, updated every tick: each rank records its own rows and the commit gathers them all, so
+        # every rank holds one process's bank (with lookahead a window reads levels another rank records).
+        (2, ["sampling.lookahead=false", "sampling.partitions=3", *BANK]),
+        (3, ["sampling.partitions=2", *BANK, "consistency.refbank.layers=all", "consistency.refbank.dtype=fp32"]),
     ],
-    ids=["2-ranks-3-windows", "3-ranks-2-windows"],
+    ids=["2-ranks-3-windows", "3-ranks-2-windows", "bank-2-ranks-3-windows", "bank-3-ranks-2-windows-lookahead"],
 )
 def test_ranks_emit_the_latents_of_one_process(tmp_path, world, overrides):
     frames = 3
     mp.spawn(rank_main, args=(world, free_port(), overrides, frames, tmp_path / "z.pt"), nprocs=world)
     shared = torch.load(tmp_path / "z.pt")
     torch.set_num_threads(1)
-    alone = latents(overrides, frames)
+    alone, stream = run_stream(overrides, frames)
     assert (shared - alone).abs().max() <= TOLERANCE * alone.abs().max()
     assert not torch.equal(shared[0], shared[-1])
+    if stream.refbank is not None:
+        bank = stream.refbank.state_dict()
+        assert bank["filled"].all() and set(bank["keys"]) == set(stream.refbank.layers)
+        tolerance = TOLERANCE if stream.refbank.dtype == torch.float32 else 2**-10  # fp16 storage: one rounding step
+        for r in range(world):
+            theirs = torch.load(tmp_path / f"z.bank{r}")
+            assert torch.equal(theirs["filled"], bank["filled"])
+            for part in ("keys", "values"):
+                for name, t in bank[part].items():
+                    assert (theirs[part][name].float() - t.float()).abs().max() <= tolerance * t.float().abs().max(), (r, part, name)
 
 
 # -- the command line under torchrun ----------------------------------------------------------
@@ -106,9 +122,9 @@ def finish(proc, timeout=600):
     return proc.returncode, err
 
 
-def generate(tmp, name, frames=FRAMES, ranks=1, env=None):
+def generate(tmp, name, frames=FRAMES, ranks=1, env=None, args=ARGS):
     return fifo_stream("generate", "a red circle", "--frames", str(frames), "--checkpoint-every", str(EVERY), "--out", str(tmp / name) + "/",
-                       "--run-dir", str(tmp / f"{name}.run"), "--quiet", *ARGS, ranks=ranks, env=env)
+                       "--run-dir", str(tmp / f"{name}.run"), "--quiet", *args, ranks=ranks, env=env)
 
 
 def manifest(tmp, name):
@@ -143,6 +159,18 @@ def test_cli_resumes_with_another_world_size(tmp_path, reference, first, then):
     done = manifest(tmp_path, "run")
     assert done["finished"] and len(done["frame_sha256"]) == FRAMES
     assert_same_frames(frames_of(tmp_path, "run"), reference)
+
+
+def test_cli_with_the_bank_resumes_with_another_world_size(tmp_path):
+    args = [*BANK, "sampling.partitions=2"]  # with lookahead: 4 windows, 2 per rank, each reading levels the other records
+    rc, err = finish(generate(tmp_path, "ref", args=args))
+    assert rc == 0, err
+    rc, err = finish(generate(tmp_path, "run", ranks=2, env={"FIFO_STREAM_FAULT": "frame:3"}, args=args))
+    assert rc != 0 and manifest(tmp_path, "run")["frames_written"] == EVERY, err
+    rc, err = finish(fifo_stream("resume", str(tmp_path / "run.run"), "--quiet"))
+    assert rc == 0, err
+    assert manifest(tmp_path, "run")["finished"]
+    assert_same_frames(frames_of(tmp_path, "run"), frames_of(tmp_path, "ref"))
 
 
 def test_an_error_on_rank_0_stops_every_rank_with_one_line(tmp_path):
