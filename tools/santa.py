@@ -5,6 +5,7 @@
     python tools/santa.py --out runs/santa-story --storyboard --settings plain,recommended
     python tools/santa.py --ckpt runs/v2/tiny-shapes.safetensors ...   # a world v2 model (see models/tiny-shapes.md)
     python tools/santa.py --windows 16 --ckpt ...   # first: does the model keep them within one window?
+    python tools/santa.py --extend 8 --frames 64 --settings plain,bank --ckpt ...   # and past the end of a clip?
 
 Every prompt leaves the body color open ("a circle moves right on a black background") and
 no prompt names the hat, so both are chosen by the first frames' noise; the question is whether
@@ -19,6 +20,10 @@ at frames 600 and 1,200; use --frames 1800 or more) to measure identity across s
 ``--windows N`` checks the model first: N plain DDIM clips of one window (every frame at one
 noise level, no FIFO), the color left open. Controls that carry identity from window to window
 cannot help a model that does not keep it within one (``OUT/windows.json``).
+
+``--extend N`` continues N world clips (the last window of a 32-frame render, as
+``--init-video`` does) whose body color and hat are known, the prompt leaving both open, and
+counts the new frames that keep them: from the first new frame, and in all (``OUT/extend.json``).
 
 Resumable: each finished cell is written to ``OUT/cells/`` and skipped on the next run. The
 summary is ``OUT/results.json``, ``OUT/results.md`` (a Markdown table) and ``OUT/results.png``
@@ -44,8 +49,9 @@ from fifo_stream import world  # noqa: E402
 from fifo_stream.config import load_config  # noqa: E402
 from fifo_stream.consistency.storyboard import Storyboard  # noqa: E402
 from fifo_stream.durable import atomic_write  # noqa: E402
+from fifo_stream.inputs.fit import fit_frame  # noqa: E402
 from fifo_stream.models.loading import load_model  # noqa: E402
-from fifo_stream.pipeline import fifo_settings, generate  # noqa: E402
+from fifo_stream.pipeline import FrameStream, StartClip, fifo_settings, generate  # noqa: E402
 from fifo_stream.sampling.ddim import sample_ddim  # noqa: E402
 
 OFF = ["consistency.qcache.enabled=false", "consistency.refbank.enabled=false", "sampling.tail_noise=iid"]
@@ -123,6 +129,33 @@ def window_check(model, cfg, seeds: int) -> dict:
             **{f"{a}_one_value": float(np.mean(one[a])) for a in one}, **{f"{a}_agreement": float(np.mean(share[a])) for a in one}}
 
 
+def leading_run(values: list, value) -> int:
+    """How many frames from the first show ``value``."""
+    return next((i for i, v in enumerate(values) if v != value), len(values))
+
+
+def extend_check(model, cfg, seeds: int, frames: int) -> dict:
+    """Continue world clips whose body color and hat are known (the prompt leaves both open) and
+    count, per attribute, the new frames that keep the clip's value: from the first one, and in all."""
+    size, f = cfg.video.height, model.frames_per_window
+    kept, share = {"color": [], "hat": []}, {"color": [], "hat": []}
+    for seed in range(seeds):
+        text = prompt(seed, False)
+        scene = world.scene_from_caption(text, size, seed, open_identity=True)
+        clip = np.stack([fit_frame(frame, cfg.video.width, size) for frame in world.render(scene, size, f, start=24)])  # the end of a 32-frame clip
+        stream = FrameStream(model, cfg, text, seed, start=StartClip(clip, 0.0))
+        try:
+            readings = [world.read_frame(next(stream)) for _ in range(frames)]
+        finally:
+            stream.close()
+        for attr, truth in (("color", scene.objects[0].color), ("hat", scene.objects[0].hat)):
+            values = [getattr(r, attr) for r in readings]
+            kept[attr].append(leading_run(values, truth))
+            share[attr].append(values.count(truth) / frames)
+    return {"seeds": seeds, "frames": frames, **{f"{a}_kept_frames": kept[a] for a in kept},
+            **{f"{a}_retention": float(np.mean(share[a])) for a in share}}
+
+
 def summarize(cells: dict[str, list[dict]]) -> dict:
     """Per setting: means and worst seeds of the open attributes' identity, accuracy, flicker, speed."""
     out = {}
@@ -187,6 +220,7 @@ def main(argv=None) -> None:
     p.add_argument("--config", default="tiny")
     p.add_argument("--ckpt", default=None, help="model weights (default: the config's); hats need a world v2 model")
     p.add_argument("--windows", type=int, default=0, metavar="N", help="only check N one-window clips (see above)")
+    p.add_argument("--extend", type=int, default=0, metavar="N", help="only continue N world clips of known identity, --frames new frames each, per --settings (see above)")
     args = p.parse_args(argv)
     names = args.settings.split(",")
     unknown = [n for n in names if n not in SETTINGS]
@@ -200,6 +234,11 @@ def main(argv=None) -> None:
     if args.windows:
         report = window_check(model, load_config(args.config), args.windows)
         atomic_write(out / "windows.json", (json.dumps(report) + "\n").encode())
+        print(json.dumps(report))
+        return
+    if args.extend:
+        report = {name: extend_check(model, load_config(args.config, SETTINGS[name]), args.extend, args.frames) for name in names}
+        atomic_write(out / "extend.json", (json.dumps(report) + "\n").encode())
         print(json.dumps(report))
         return
     (out / "cells").mkdir(exist_ok=True)

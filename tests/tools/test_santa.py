@@ -65,3 +65,13 @@ def test_window_agreement_and_check(tmp_path):
     report = json.loads((tmp_path / "windows.json").read_text())
     assert report["seeds"] == 2 and report["frames"] == 8 and not (tmp_path / "cells").exists()
     assert all(0.0 <= report[f"{a}_{m}"] <= 1.0 for a in ("color", "hat") for m in ("one_value", "agreement"))
+
+
+def test_extend_counts_the_new_frames_that_keep_the_clip_identity(tmp_path):
+    assert santa.leading_run(["red", "red", None, "red"], "red") == 2 and santa.leading_run(["red"] * 3, "red") == 3
+    santa.main(["--out", str(tmp_path), "--extend", "2", "--frames", "3", "--settings", "plain,bank", "--config", "tiny-random"])
+    report = json.loads((tmp_path / "extend.json").read_text())
+    assert set(report) == {"plain", "bank"}
+    for r in report.values():
+        assert r["seeds"] == 2 and r["frames"] == 3 and len(r["color_kept_frames"]) == 2 and len(r["hat_kept_frames"]) == 2
+        assert all(0 <= k <= 3 for k in r["color_kept_frames"] + r["hat_kept_frames"]) and 0 <= r["hat_retention"] <= 1
