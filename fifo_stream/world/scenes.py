@@ -162,25 +162,28 @@ def shape_mask(shape: str, center: np.ndarray, radius: float, size: int) -> np.n
     raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
 
 
+def _drawn(scene: Scene, size: int, frames: int, start: int):
+    """(frame index, object, center, its shape's mask) of every object in every frame, in drawing order."""
+    for obj in scene.objects:
+        for i, center in enumerate(positions(obj, size, frames, start)):
+            yield i, obj, center, shape_mask(obj.shape, center, obj.radius, size)
+
+
 def render(scene: Scene, size: int, frames: int, start: int = 0) -> np.ndarray:
     """Frames ``start .. start + frames - 1`` of ``scene``: uint8 (frames, size, size, 3)."""
     background = background_image(scene.background, size)
     video = np.repeat(background[None], frames, axis=0)
     y, _ = _pixel_centers(size)
-    for obj in scene.objects:
-        body = np.asarray(COLORS[obj.color], dtype=np.uint8)
-        for i, center in enumerate(positions(obj, size, frames, start)):
-            mask = shape_mask(obj.shape, center, obj.radius, size)
-            video[i][mask] = body
-            if obj.hat is not None:
-                video[i][mask & (y < center[1] - obj.radius + 2 * HAT * obj.radius)] = COLORS[obj.hat]
+    for i, obj, center, mask in _drawn(scene, size, frames, start):
+        video[i][mask] = COLORS[obj.color]
+        if obj.hat is not None:
+            video[i][mask & (y < center[1] - obj.radius + 2 * HAT * obj.radius)] = COLORS[obj.hat]
     return video
 
 
 def object_mask(scene: Scene, size: int, frames: int, start: int = 0) -> np.ndarray:
     """Where ``render`` draws an object (hat included) in frames ``start ..``: bool (frames, size, size)."""
     masks = np.zeros((frames, size, size), dtype=bool)
-    for obj in scene.objects:
-        for i, center in enumerate(positions(obj, size, frames, start)):
-            masks[i] |= shape_mask(obj.shape, center, obj.radius, size)
+    for i, _, _, mask in _drawn(scene, size, frames, start):
+        masks[i] |= mask
     return masks
