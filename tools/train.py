@@ -9,7 +9,9 @@ the other half use per-frame timesteps from the FIFO ladder the sampler uses, so
 model sees the staggered noise levels of FIFO windows during training; three quarters of the
 one-timestep batches use the sampler's levels too (``--focus``). Half of the steps spend their
 frames on short clips of more scenes (``--short-fraction``, ``--short-frames``). The training noise has
-low-frequency parts (``--offset-noise``, ``--coarse-noise``; see :func:`training_noise`). A latent model's
+low-frequency parts (``--offset-noise``, ``--coarse-noise``; see :func:`training_noise`). The loss may
+weigh latent cells an object covers more (``--object-weight``) and noisy frames more
+(``--v-weight-cap``, see :func:`noise_level_weight`). A latent model's
 first stage (an ``autoencoder_kl`` VAE) is trained first by tools/train_vae.py, then frozen.
 
 Resumable: a training state is written atomically every ``--save-every`` steps to
@@ -67,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fifo-fraction", type=float, default=0.5, help="fraction of batches with FIFO per-frame timesteps")
     p.add_argument("--focus", type=float, default=0.75, help="fraction of one-timestep batches drawn from the sampler's FIFO levels")
     p.add_argument("--object-weight", type=float, default=1.0, help="loss weight of latent cells covered by an object (1: unweighted)")
+    p.add_argument("--v-weight-cap", type=float, default=1.0, help="weight each frame's eps loss by min(1 / alpha_bar_t, CAP), v-prediction's weighting capped (1: the plain eps loss)")
     p.add_argument("--offset-noise", type=float, default=0.3, help="weight of a per-clip constant, one per color (pixel_shuffle) or latent channel, added to the noise")
     p.add_argument("--coarse-noise", type=float, default=0.2, help="weight of a per-clip 4x4 noise field, upsampled, added to the noise")
     p.add_argument("--init", default=None, help="fine-tune: start the U-Net, text encoder and VAE from these exported weights (a .safetensors)")
@@ -192,6 +195,17 @@ def training_noise(shape, args, g: torch.Generator, device, shared: int = 1) -> 
     return eps
 
 
+def noise_level_weight(alpha_bar: torch.Tensor, cap: float) -> torch.Tensor:
+    """Loss weight of frames at noise level ``alpha_bar``: min(1 / alpha_bar, cap).
+
+    The eps loss weighs a frame's x0 error by its SNR, so at high noise, where a clip's frames
+    decide together what the prompt leaves open (a body color, a hat), it barely sees whether
+    they agree. 1 / alpha_bar = 1 + 1 / SNR is the weight that makes it v-prediction's loss;
+    the cap keeps the noisiest levels (1 / alpha_bar up to 215) from drowning the rest.
+    """
+    return alpha_bar.reciprocal().clamp(max=cap)
+
+
 def lr_at(step: int, args) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -262,7 +276,8 @@ def main(argv=None) -> None:
         eps = training_noise(x0.shape, args, g, device, shared)
         a = alphas[t][:, None, :, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = (weights * (unet(xt, t, text(captions), cfg.video.fps) - eps).pow(2)).mean() / weights.mean()
+        weights_t = weights * noise_level_weight(a, args.v_weight_cap)  # normalised by the cells' weights only: noisy steps weigh more
+        loss = (weights_t * (unet(xt, t, text(captions), cfg.video.fps) - eps).pow(2)).mean() / weights.mean()
         optimizer_step(opt, loss, lr_at(step, args))
         decay = min(args.ema, (1 + step) / (10 + step))  # short memory early on, so the EMA forgets the init
         with torch.no_grad():

@@ -71,6 +71,15 @@ def test_short_clip_steps_spend_the_same_frames_on_more_scenes():
     assert t.shape == (32, 1)
 
 
+def test_the_noise_level_weight_is_v_predictions_capped_and_one_by_default():
+    a = train.alphas_cumprod(1000, 0.00085, 0.012).float()[train.fifo_timesteps(16, 1000)]
+    assert torch.equal(train.noise_level_weight(a, 1.0), torch.ones_like(a))  # the default: the plain eps loss
+    w = train.noise_level_weight(a, 20.0)
+    assert torch.allclose(w[:12], 1 / a[:12])  # 1 + 1/SNR below the cap (1.0 at t=0, 15.6 at t=733)
+    assert torch.all(w[12:] == 20.0) and (1 / a[-1]) > 200  # capped where 1/alpha_bar climbs to 215
+    assert torch.all(w[1:] >= w[:-1])  # noisier frames never weigh less
+
+
 def test_a_short_clip_length_outside_the_model_window_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--short-frames must be between 1 and the model's 8 frames"):
         train.main(["--short-frames", "9", "--state", str(tmp_path / "state.pt"), "--vae-state", str(tmp_path / "vae.pt")])
