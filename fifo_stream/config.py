@@ -231,9 +231,12 @@ class RefBankConfig:
 
 @dataclass
 class ConsistencyConfig:
-    enabled: bool = True  # master switch: false turns every consistency control off (Q-cache, reference bank, tail noise: iid), for comparisons
+    enabled: bool = True  # master switch: false turns every consistency control off (Q-cache, reference bank, shared noise, tail noise: iid), for comparisons
     qcache: QCacheConfig = option(factory=QCacheConfig)
     refbank: RefBankConfig = option(factory=RefBankConfig)
+    # a: the fraction of every injected noise latent's variance shared by all frames at the same noise level
+    # (sqrt(a) S_level + sqrt(1 - a) fresh): frames repeat frame 0's open choices; 0: off (fifo_stream/sampling/shared_noise.py)
+    shared_noise: float = option(0.0, FRACTION)
 
 
 @dataclass
@@ -314,6 +317,7 @@ def load_config(name: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{e} (in {source}: fix it there)" if source is not None else str(e)) from None
     if not cfg.consistency.enabled:
         cfg.consistency.qcache.enabled = cfg.consistency.refbank.enabled = False
+        cfg.consistency.shared_noise = 0.0
         cfg.sampling.tail_noise = "iid"
     validate(cfg)
     return cfg

@@ -21,6 +21,7 @@ from .runs import distributed
 from .sampling.ddim import guided_eps, sample_ddim
 from .sampling.fifo import FifoEngine, FifoSettings, FrameLayout
 from .sampling.schedule import fifo_timesteps
+from .sampling.shared_noise import SharedNoise
 from .sampling.tail_noise import make_noise
 
 
@@ -66,8 +67,8 @@ class StartClip:
 class FrameStream:
     """An endless iterator of decoded frames (H, W, 3) uint8; ``state_dict`` resumes it exactly.
 
-    Seeds: the base clip's noise, the engine's DDIM/noising generator and the tail
-    noise are three streams derived from ``seed``. With ``sampling.discard_warmup``
+    Seeds: the base clip's noise, the engine's DDIM/noising generator, the tail
+    noise and the shared noise components (``consistency.shared_noise``) are streams derived from ``seed``. With ``sampling.discard_warmup``
     the first S - f ticks (copies of the base clip's first frame) are not emitted.
     Nothing accumulates: memory does not grow with the number of frames.
 
@@ -112,6 +113,9 @@ class FrameStream:
         except BaseException:
             self.close()
             raise
+        strength = cfg.consistency.shared_noise
+        levels = fifo_timesteps(settings.steps, len(model.alphas))
+        self.shared_noise = SharedNoise(self.latent_shape, levels, seed + 4, strength, model.device) if strength > 0 else None
         self.engine = FifoEngine(
             model.unet, model.alphas, settings,
             make_noise(
@@ -120,6 +124,7 @@ class FrameStream:
             ),
             seed=seed + 1, mode=cfg.sampling.mode, max_batch=cfg.sampling.max_batch, scales=model.scales, refbank=self.refbank,
             forward=compile_unet(model.unet, cfg.runtime.cuda_graphs) if cfg.runtime.compile else None,
+            shared_noise=self.shared_noise,
         )
         self.emitted = 0
 
@@ -157,7 +162,7 @@ class FrameStream:
             strength = self.start_clip.strength
         clip = sample_ddim(
             self._unet, noise, self.cond, self.uncond, self.model.alphas, self.settings.steps,
-            self.settings.guidance_scale, self.settings.eta, g, self.model.scales, self.settings.clip_x0, x0, strength,
+            self.settings.guidance_scale, self.settings.eta, g, self.model.scales, self.settings.clip_x0, x0, strength, self.shared_noise,
         )
         continues = self.start_clip is not None and self.start_clip.continues
         self.engine.start_from_clip(distributed.broadcast_(clip), continues)  # rank 0's clip: identical queues on every rank
@@ -169,7 +174,10 @@ class FrameStream:
         levels = fifo_timesteps(s.steps, len(self.model.alphas))
         a = self.model.alphas[levels].float().to(z).reshape(-1, 1, 1, 1, 1)
         g = torch.Generator(device=self.model.device).manual_seed(self.seed + 3)
-        x = a.sqrt() * z + (1 - a).sqrt() * torch.randn((s.steps, *z.shape[1:]), generator=g, device=z.device)
+        noise = torch.randn((s.steps, *z.shape[1:]), generator=g, device=z.device)
+        if self.shared_noise is not None:  # row l at level l: as the frames' noise there
+            noise = self.shared_noise(noise.transpose(0, 2), levels).transpose(0, 2)
+        x = a.sqrt() * z + (1 - a).sqrt() * noise
         rows, level = 2 * s.steps, torch.arange(s.steps).repeat(2)[:, None]
         layout = FrameLayout(
             branch=torch.arange(2).repeat_interleave(s.steps), batch=torch.zeros(rows, dtype=torch.long), level=level,

@@ -39,6 +39,7 @@ BAD = {
     "consistency.refbank.reference=-1": "an emitted frame number >= 0",
     "consistency.refbank.dtype=fp64": "fp16, bf16 or fp32",
     "consistency.refbank.layers=[1, 2]": "a list of layer paths",
+    "consistency.shared_noise=1.5": "consistency.shared_noise=1.5",
     "video.fps=0": "video.fps=0 is invalid: it must be a positive integer",
     "video.width=100": "video.width=100 is invalid: it must be a positive multiple of 16",
     "output.crf=64": "an integer from 0 to 63",
@@ -76,12 +77,14 @@ def test_rules_that_tie_options_together():
 
 
 def test_the_master_switch_turns_every_consistency_control_off():
-    on = ["consistency.qcache.enabled=true", "consistency.refbank.enabled=true", "sampling.tail_noise=coherent"]
+    on = ["consistency.qcache.enabled=true", "consistency.refbank.enabled=true", "consistency.shared_noise=0.5", "sampling.tail_noise=coherent"]
     cfg = load_config("tiny-random", on)
     assert cfg.consistency.enabled and cfg.consistency.qcache.enabled and cfg.consistency.refbank.enabled and cfg.sampling.tail_noise == "coherent"
+    assert cfg.consistency.shared_noise == 0.5
     for overrides in (["consistency.enabled=false", *on], [*on, "consistency.enabled=false"]):  # whatever the order
         cfg = load_config("tiny-random", overrides)
         assert not (cfg.consistency.qcache.enabled or cfg.consistency.refbank.enabled) and cfg.sampling.tail_noise == "iid"
+        assert cfg.consistency.shared_noise == 0.0
 
 
 def test_unknown_keys_name_the_valid_ones():

@@ -6,7 +6,8 @@ Each frame's object body color, shape and hat color are measured with pixel stat
 (``fifo_stream.world.read_frame``). Reported: prompt accuracy (fraction of frames whose
 reading matches what the prompt names), identity retention (fraction equal to frame 0's in
 all three), the longest run of frames that lost frame 0's identity, temporal flicker
-(1 - mean |frame_i - frame_(i-1)| / 255), and for each attribute the prompt leaves open
+(1 - mean |frame_i - frame_(i-1)| / 255), motion (the object's speed in pixels per frame: a
+control that holds identity by freezing the video shows here), and for each attribute the prompt leaves open
 (the hat; the body color when unnamed): retention, changes per 1,000 frames (a new value
 held for 4 frames or more), frames until the first change, misread frames. A PNG plot of
 each attribute over time is written next to the JSON (or to ``--plot``).
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fifo_stream import world  # noqa: E402
 
 HOLD = 4  # frames a new value must hold to count as a change, not a misread
+SPAN = 4  # frames over which motion is measured (a misread or jittering frame averages out)
 
 
 def read_frames(path: str | Path) -> list[np.ndarray]:
@@ -80,6 +82,13 @@ def identity(values: list, hold: int = HOLD) -> dict:
     }
 
 
+def speed(frames: list[np.ndarray], span: int = SPAN) -> float:
+    """The object's median speed, pixels per frame: centroid displacement over ``span`` frames / ``span``."""
+    centers = [world.centroid(f) for f in frames]
+    moves = [np.hypot(b[0] - a[0], b[1] - a[1]) / span for a, b in zip(centers, centers[span:]) if a is not None and b is not None]
+    return float(np.median(moves)) if moves else 0.0
+
+
 def evaluate(frames: list[np.ndarray], prompt: str) -> dict:
     """Metrics of ``frames`` for a single-object ``prompt``, with per-frame readings.
 
@@ -109,6 +118,7 @@ def evaluate(frames: list[np.ndarray], prompt: str) -> dict:
         "identity_retention": float(1 - lost.mean()),
         "longest_identity_loss": longest_run(lost),
         "flicker": float(1 - diffs.mean()) if len(diffs) else 1.0,
+        "speed": speed(frames),
         "first_frame": list(readings[0]),
         "open": {a: identity([getattr(r, a) for r in readings]) for a in open_attrs},
         "per_frame": {"readings": [list(r) for r in readings], "diff": [round(float(d), 5) for d in diffs]},
@@ -156,7 +166,7 @@ def main(argv=None) -> None:
     out = Path(args.json)
     out.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, Path(args.plot) if args.plot else out.with_suffix(".png"))
-    summary = {k: report[k] for k in ("frames", "prompt_accuracy", "identity_retention", "longest_identity_loss", "flicker")}
+    summary = {k: report[k] for k in ("frames", "prompt_accuracy", "identity_retention", "longest_identity_loss", "flicker", "speed")}
     summary["open"] = {a: {k: v for k, v in m.items() if k in ("retention", "changes_per_1000", "first_change")} for a, m in report["open"].items()}
     print(json.dumps(summary))
 

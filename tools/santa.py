@@ -9,7 +9,8 @@
 
 Every prompt leaves the body color open ("a circle moves right on a black background") and
 no prompt names the hat, so both are chosen by the first frames' noise; the question is whether
-frame 2,000 still shows frame 0's. Each cell (setting x seed) generates a video on the embedded
+frame 2,000 still shows frame 0's, while the object keeps moving (the speed column: a control
+that holds identity by freezing the video shows there). Each cell (setting x seed) generates a video on the embedded
 model and reads every frame with ``world.read_frame`` (the generated frames themselves, no
 encode); ``tools/eval_consistency.py`` computes retention, changes per 1,000 frames (a new value
 held >= 4 frames) and frames until the first change for each open attribute.
@@ -54,7 +55,7 @@ from fifo_stream.models.loading import load_model  # noqa: E402
 from fifo_stream.pipeline import FrameStream, StartClip, fifo_settings, generate  # noqa: E402
 from fifo_stream.sampling.ddim import sample_ddim  # noqa: E402
 
-OFF = ["consistency.qcache.enabled=false", "consistency.refbank.enabled=false", "sampling.tail_noise=iid"]
+OFF = ["consistency.qcache.enabled=false", "consistency.refbank.enabled=false", "consistency.shared_noise=0", "sampling.tail_noise=iid"]
 BANK = [*OFF, "consistency.refbank.enabled=true"]
 # Each setting is every control off but its own, whatever the config turns on; "recommended" is the config's own.
 SETTINGS = {
@@ -70,6 +71,7 @@ SETTINGS = {
     "tail-coherent": [*OFF, "sampling.tail_noise=coherent"],
     "tail-dependency": [*OFF, "sampling.tail_noise=dependency"],
     "tail-mixed": [*OFF, "sampling.tail_noise=mixed"],
+    **{f"shared-{a}": [*OFF, f"consistency.shared_noise={a}"] for a in (0.3, 0.5, 0.9)},
     "recommended": [],
 }
 SCENE_CHANGES = (600, 1200)
@@ -169,6 +171,7 @@ def summarize(cells: dict[str, list[dict]]) -> dict:
             row[f"{attr}_kept_all"] = sum(m["changes"] == 0 for m in ms)
         row["shape_accuracy"] = float(np.mean([r["shape_accuracy"] for r in reports]))
         row["flicker"] = float(np.mean([r["flicker"] for r in reports]))
+        row["speed"] = float(np.mean([r["speed"] for r in reports]))
         row["s_per_frame"] = float(np.mean([r["s_per_frame"] for r in reports]))
         out[name] = row
     return out
@@ -176,13 +179,13 @@ def summarize(cells: dict[str, list[dict]]) -> dict:
 
 def table(summary: dict) -> str:
     head = ("setting", "seeds x frames", "color retention (mean / worst)", "color changes / 1k", "hat retention (mean / worst)",
-            "hat changes / 1k", "seeds keeping color / hat", "shape accuracy", "flicker", "s/frame")
+            "hat changes / 1k", "seeds keeping color / hat", "shape accuracy", "flicker", "speed (px/frame)", "s/frame")
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, r in summary.items():
         lines.append(
             f"| {name} | {r['seeds']} x {r['frames']} | {r['color_retention']:.3f} / {r['color_retention_worst']:.3f} | "
             f"{r['color_changes_per_1000']:.2f} | {r['hat_retention']:.3f} / {r['hat_retention_worst']:.3f} | {r['hat_changes_per_1000']:.2f} | "
-            f"{r['color_kept_all']} / {r['hat_kept_all']} | {r['shape_accuracy']:.3f} | {r['flicker']:.3f} | {r['s_per_frame']:.3f} |"
+            f"{r['color_kept_all']} / {r['hat_kept_all']} | {r['shape_accuracy']:.3f} | {r['flicker']:.3f} | {r['speed']:.2f} | {r['s_per_frame']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 

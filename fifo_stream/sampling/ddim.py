@@ -81,24 +81,29 @@ def sample_ddim(
     clip_x0: float | None = None,
     x0: torch.Tensor | None = None,
     strength: float = 1.0,
+    noise_mix: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Plain guided DDIM from ``noise`` (b, c, f, h, w) over VideoCrafter's uniform timesteps.
 
     ``scales`` is the optional ``use_scale`` array indexed by timestep; ``clip_x0`` as in :func:`ddim_step`.
     With ``x0`` (SDEdit) sampling starts from ``x0`` noised with ``noise`` to the step
     ``round(strength * steps)`` and runs the steps below it: 0 returns ``x0``, 1 runs them all.
+    ``noise_mix(noise, t)`` transforms every noise latent that enters at timestep ``t``, the
+    starting noise included (e.g. :class:`~fifo_stream.sampling.shared_noise.SharedNoise`).
     """
+    mix = noise_mix or (lambda z, i: z)
     ts = ddim_timesteps(steps, len(alphas))
     a_t, a_prev = (v.float() for v in step_values(alphas, ts))
     s_t, s_prev = (v.float() for v in step_values(scales, ts)) if scales is not None else (torch.ones(len(ts)),) * 2
     first = len(ts) if x0 is None else round(strength * len(ts))
     if first == 0:
         return x0
+    noise = mix(noise, int(ts[first - 1]))
     x = noise if x0 is None else a_t[first - 1].to(x0).sqrt() * x0 + (1 - a_t[first - 1].to(x0)).sqrt() * noise
     b, f = x.shape[0], x.shape[2]
     for i in reversed(range(first)):
         t = torch.full((b, f), int(ts[i]), device=x.device)
         eps = guided_eps(unet, x, t, cond, uncond, scale)
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
+        z = mix(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), int(ts[i])) if eta > 0 else None
         x = ddim_step(x, eps, a_t[i].to(x), a_prev[i].to(x), eta, z, s_t[i].to(x), s_prev[i].to(x), clip_x0)
     return x

@@ -29,6 +29,7 @@ from ..models.attention import rows_of
 from ..runs import distributed
 from .ddim import ddim_step, guided_eps
 from .schedule import fifo_timesteps, step_values
+from .shared_noise import SharedNoise
 
 
 @dataclass
@@ -106,10 +107,12 @@ class FifoEngine:
         scales: torch.Tensor | None = None,
         refbank=None,
         forward=None,
+        shared_noise: SharedNoise | None = None,
     ):
         """``forward`` replaces ``unet(x, t, context, fps, attention_kwargs=...)`` for the ticks, e.g. a compiled U-Net.
 
         ``refbank`` is a control with ``attention_kwargs(layout)`` and ``commit()`` (see the module docstring).
+        ``shared_noise`` mixes every noise latent that enters a slot with the shared component of the slot's level.
         """
         self.unet = unet
         self.forward = unet if forward is None else forward
@@ -118,6 +121,7 @@ class FifoEngine:
         self.mode = mode
         self.max_batch = max_batch
         self.refbank = refbank
+        self.shared_noise = shared_noise
         self.device = next(unet.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
@@ -169,7 +173,7 @@ class FifoEngine:
         else:
             frame = torch.tensor([0] * (s.queue_length - s.steps) + [max(0, i - offset) for i in range(s.steps)], device=self.device)
         x0 = clip[:, :, frame]
-        eps = torch.randn(x0.shape, generator=self.generator, device=self.device)
+        eps = self._mix(torch.randn(x0.shape, generator=self.generator, device=self.device), self.slot_timesteps)
         self.start_from_queue(self._a_t.sqrt() * x0 + (1 - self._a_t).sqrt() * eps)
 
     # -- ticking ---------------------------------------------------------------------
@@ -183,7 +187,7 @@ class FifoEngine:
         if self.queue is None:
             raise RuntimeError("start the engine (start_from_queue / start_from_clip) before stepping")
         s, q = self.settings, self.queue
-        noise = torch.randn(q.shape, generator=self.generator, device=self.device) if s.eta > 0 else None
+        noise = self._mix(torch.randn(q.shape, generator=self.generator, device=self.device), self.slot_timesteps) if s.eta > 0 else None
         kwargs = self.refbank.attention_kwargs(self.layout(q.shape[0])) if self.refbank is not None else None
         if self.mode == "batched":
             head = slice(s.emit_slot, None)
@@ -193,7 +197,7 @@ class FifoEngine:
         if self.refbank is not None:
             self.refbank.commit()
         out = q[:, :, s.emit_slot].clone()
-        tail = self.noise().to(self.device, torch.float32)
+        tail = self._mix(self.noise().to(self.device, torch.float32)[:, :, None], self.slot_timesteps[-1])[:, :, 0]
         self.queue = torch.cat([q[:, :, 1:], tail[:, :, None]], dim=2)
         self.tick += 1
         return out
@@ -216,6 +220,9 @@ class FifoEngine:
         slots = start[:, None] + torch.arange(s.frames)
         owner = (torch.arange(s.frames) >= s.frames - s.written_per_window).expand(len(rows), -1)
         return FrameLayout(branch, item, self.slot_levels[slots], owner, self.slot_frames()[slots], batch)
+
+    def _mix(self, fresh: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return fresh if self.shared_noise is None else self.shared_noise(fresh, timestep)
 
     def _call_unet(self, x, t, c, attention_kwargs=None):
         return self.forward(x, t, c, self.settings.fps, attention_kwargs=attention_kwargs)
@@ -272,14 +279,23 @@ class FifoEngine:
             "generator": self.generator.get_state(),
             "noise": self.noise.state_dict(),
             "settings": {k: getattr(s, k) for k in s.__dataclass_fields__},
+            "shared_noise": self._shared_strength(),
             **({"refbank": self.refbank.state_dict()} if self.refbank is not None else {}),
         }
+
+    def _shared_strength(self) -> float:
+        return 0.0 if self.shared_noise is None else self.shared_noise.strength
 
     def load_state_dict(self, state: dict) -> None:
         own = {k: getattr(self.settings, k) for k in self.settings.__dataclass_fields__}
         if state["settings"] != own:
             diff = sorted(k for k in own if state["settings"].get(k) != own[k])
             raise FifoStreamError(f"engine checkpoint was made with other FIFO settings ({', '.join(diff)} differ)")
+        if state.get("shared_noise", 0.0) != self._shared_strength():
+            raise FifoStreamError(
+                f"engine checkpoint was made with consistency.shared_noise={state.get('shared_noise', 0.0)}, "
+                f"not {self._shared_strength()}; resume with the run's own config"
+            )
         self.queue = state["queue"].to(self.device) if state["queue"] is not None else None
         self.tick = int(state["tick"])
         self.generator.set_state(state["generator"])

@@ -39,8 +39,7 @@ def read_frame(frame: np.ndarray, threshold: float = 40.0) -> Reading:
     from whether it is much narrower at the top (a triangle).
     """
     rgb = frame.astype(np.float32)
-    background = np.median(rgb, axis=1, keepdims=True)
-    foreground = np.abs(rgb - background).max(axis=2) > threshold
+    foreground = foreground_mask(frame, threshold)
     if foreground.sum() < 12:
         return Reading(None, None, None)
     names = list(COLORS)
@@ -59,6 +58,18 @@ def read_frame(frame: np.ndarray, threshold: float = 40.0) -> Reading:
     tapers = widths[:half].sum() < 0.6 * widths[len(widths) - half :].sum()
     shape = "square" if full >= 0.75 else "triangle" if tapers else "circle"
     return Reading(names[color_index], shape, None if hat_index is None else names[hat_index])
+
+
+def foreground_mask(frame: np.ndarray, threshold: float = 40.0) -> np.ndarray:
+    """Pixels further than ``threshold`` from their row's median color (the background varies only vertically)."""
+    rgb = frame.astype(np.float32)
+    return np.abs(rgb - np.median(rgb, axis=1, keepdims=True)).max(axis=2) > threshold
+
+
+def centroid(frame: np.ndarray, threshold: float = 40.0) -> tuple[float, float] | None:
+    """(x, y) of the foreground's center of mass, in pixels; None where the frame shows no object."""
+    ys, xs = np.nonzero(foreground_mask(frame, threshold))
+    return (float(xs.mean()), float(ys.mean())) if len(xs) >= 12 else None
 
 
 def _object_mask(mask: np.ndarray) -> np.ndarray:

@@ -26,13 +26,15 @@ def test_prompts_leave_the_color_open_and_storyboards_never_name_it():
 def test_each_setting_turns_on_only_its_own_controls_whatever_the_config_turns_on():
     from fifo_stream.config import load_config
 
-    config_on = ["consistency.qcache.enabled=true", "consistency.refbank.enabled=true", "sampling.tail_noise=mixed"]
+    config_on = ["consistency.qcache.enabled=true", "consistency.refbank.enabled=true", "consistency.shared_noise=0.2", "sampling.tail_noise=mixed"]
     for name, overrides in santa.SETTINGS.items():
         cfg = load_config("tiny-random", [*config_on, *overrides])
         on = {k for k, v in (("qcache", cfg.consistency.qcache.enabled), ("bank", cfg.consistency.refbank.enabled),
-                             ("tail", cfg.sampling.tail_noise != "iid")) if v}
-        want = {"plain": set(), "qcache": {"qcache"}, "bank+qcache": {"bank", "qcache"}, "recommended": {"qcache", "bank", "tail"}}
-        assert on == want.get(name, {"bank"} if name.startswith("bank") else {"tail"}), name
+                             ("shared", cfg.consistency.shared_noise > 0), ("tail", cfg.sampling.tail_noise != "iid")) if v}
+        want = {"plain": set(), "qcache": {"qcache"}, "bank+qcache": {"bank", "qcache"}, "recommended": {"qcache", "bank", "shared", "tail"}}
+        kind = "bank" if name.startswith("bank") else "shared" if name.startswith("shared") else "tail"
+        assert on == want.get(name, {kind}), name
+    assert load_config("tiny-random", santa.SETTINGS["shared-0.5"]).consistency.shared_noise == 0.5
 
 
 def test_a_small_grid_writes_its_cells_and_resumes(tmp_path, capsys):
@@ -43,7 +45,7 @@ def test_a_small_grid_writes_its_cells_and_resumes(tmp_path, capsys):
     cells = sorted(p.name for p in (out / "cells").iterdir())
     assert cells == ["bank-0.json", "plain-0.json"]
     report = json.loads((out / "cells" / "plain-0.json").read_text())
-    assert report["frames"] == 6 and set(report["open"]) == {"color", "hat"} and report["s_per_frame"] > 0
+    assert report["frames"] == 6 and set(report["open"]) == {"color", "hat"} and report["s_per_frame"] > 0 and report["speed"] >= 0
     summary = json.loads((out / "results.json").read_text())
     assert set(summary) == {"plain", "bank"} and summary["plain"]["seeds"] == 1
     assert (out / "results.md").read_text().startswith("| setting |")

@@ -188,6 +188,17 @@ def test_evaluator_metrics_by_hand():
     assert still["flicker"] == 1.0
 
 
+def test_speed_is_the_objects_pixels_per_frame_and_zero_for_a_frozen_video():
+    for seed in range(4):  # 8 frames: too few for a bounce to shorten the path much
+        scene = world.scene_from_caption("a blue circle moves right on a white background", SIZE, seed)
+        frames = list(world.render(scene, SIZE, 8))
+        centers = world.positions(scene.objects[0], SIZE, 8)
+        truth = np.median(np.hypot(*(centers[4:] - centers[:4]).T) / 4)
+        assert eval_consistency.speed(frames) == pytest.approx(truth, abs=0.15)
+        assert eval_consistency.speed([frames[0]] * 8) == 0.0
+    assert eval_consistency.speed([np.zeros((SIZE, SIZE, 3), np.uint8)] * 8) == 0.0  # no object: nothing moves
+
+
 def test_evaluator_cli_writes_json_and_plot(tmp_path):
     prompt = "a cyan circle moves right on a gray background"
     video = tmp_path / "v.mkv"
