@@ -67,10 +67,11 @@ class StartClip:
 class FrameStream:
     """An endless iterator of decoded frames (H, W, 3) uint8; ``state_dict`` resumes it exactly.
 
-    Seeds: the base clip's noise, the engine's DDIM/noising generator, the tail
-    noise and the shared noise components (``consistency.shared_noise``) are streams derived from ``seed``. With ``sampling.discard_warmup``
-    the first S - f ticks (copies of the base clip's first frame) are not emitted.
-    Nothing accumulates: memory does not grow with the number of frames.
+    Seeds: the base clip's noise, the engine's DDIM/noising generator, the tail noise and
+    the shared noise components (``consistency.shared_noise``) are streams derived from
+    ``seed``. With ``sampling.discard_warmup`` the first S - f ticks (copies of the base
+    clip's first frame) are not emitted. Nothing accumulates: memory does not grow with the
+    number of frames.
 
     ``prompt`` is one prompt or a :class:`Storyboard`; with several scenes every queue
     slot is conditioned on the context of the emitted frame it becomes, and the base clip
