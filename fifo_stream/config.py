@@ -230,10 +230,22 @@ class RefBankConfig:
 
 
 @dataclass
+class AnchorConfig:
+    """Subject appearance anchor: each step's predicted clean latents keep the reference frame's subject colors."""
+
+    enabled: bool = False
+    strength: float = option(1.0, FRACTION)  # how far the subject's band means move to the reference's (1: all the way)
+    min_level: int = option(0, at_least(0, "an integer"))  # corrected noise levels: index >= this (0: all of them)
+    bands: int = option(2, POSITIVE)  # horizontal bands of the subject whose colors are kept apart (e.g. a hat and a body)
+    reference: int = option(0, at_least(0, "an integer"))  # the emitted frame number of the reference frame
+
+
+@dataclass
 class ConsistencyConfig:
-    enabled: bool = True  # master switch: false turns every consistency control off (Q-cache, reference bank, shared noise, tail noise: iid), for comparisons
+    enabled: bool = True  # master switch: false turns every consistency control off (Q-cache, reference bank, anchor, shared noise, tail noise: iid), for comparisons
     qcache: QCacheConfig = option(factory=QCacheConfig)
     refbank: RefBankConfig = option(factory=RefBankConfig)
+    anchor: AnchorConfig = option(factory=AnchorConfig)
     # a: the fraction of every injected noise latent's variance shared by all frames at the same noise level
     # (sqrt(a) S_level + sqrt(1 - a) fresh): frames repeat frame 0's open choices; 0: off (fifo_stream/sampling/shared_noise.py)
     shared_noise: float = option(0.0, FRACTION)
@@ -316,7 +328,7 @@ def load_config(name: str | Path | None = None, overrides: list[str] | tuple[str
         except ConfigError as e:
             raise ConfigError(f"{e} (in {source}: fix it there)" if source is not None else str(e)) from None
     if not cfg.consistency.enabled:
-        cfg.consistency.qcache.enabled = cfg.consistency.refbank.enabled = False
+        cfg.consistency.qcache.enabled = cfg.consistency.refbank.enabled = cfg.consistency.anchor.enabled = False
         cfg.consistency.shared_noise = 0.0
         cfg.sampling.tail_noise = "iid"
     validate(cfg)

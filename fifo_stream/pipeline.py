@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from .consistency.anchor import SubjectAnchor
 from .consistency.qcache import QCache
 from .consistency.refbank import RefBank
 from .consistency.storyboard import Scene, Storyboard, StoryboardError
@@ -108,6 +109,7 @@ class FrameStream:
         if start is not None and start.continues:
             self.skip = settings.frames - settings.emit_slot  # the input's own frames that are still to be emitted
         check_world_size(cfg)
+        anchor = self._anchor()
         self.refbank = self.qcache = None
         try:
             self._install_controls()
@@ -126,6 +128,7 @@ class FrameStream:
             seed=seed + 1, mode=cfg.sampling.mode, max_batch=cfg.sampling.max_batch, scales=model.scales, refbank=self.refbank,
             forward=compile_unet(model.unet, cfg.runtime.cuda_graphs) if cfg.runtime.compile else None,
             shared_noise=self.shared_noise,
+            anchor=anchor,
         )
         self.emitted = 0
 
@@ -137,6 +140,14 @@ class FrameStream:
             self.refbank = RefBank(unet, self.settings.steps, r.layers, r.mode, r.weight, r.momentum, reference_tick, DTYPES[r.dtype])
         if q.enabled:
             self.qcache = QCache(unet, None if q.pairs is None else dict(q.pairs), q.strength, q.strength_min, len(self.model.alphas))
+
+    def _anchor(self) -> SubjectAnchor | None:
+        a = self.cfg.consistency.anchor
+        if not a.enabled:
+            return None
+        if a.min_level >= self.settings.steps:
+            raise FifoStreamError(f"consistency.anchor.min_level={a.min_level} corrects no level: these settings have {self.settings.steps} (use 0 to {self.settings.steps - 1})")
+        return SubjectAnchor(a.strength, a.min_level, a.bands, self.skip + a.reference)
 
     def close(self) -> None:
         """Uninstall the consistency controls from the (shared) model."""

@@ -40,6 +40,10 @@ BAD = {
     "consistency.refbank.dtype=fp64": "fp16, bf16 or fp32",
     "consistency.refbank.layers=[1, 2]": "a list of layer paths",
     "consistency.shared_noise=1.5": "consistency.shared_noise=1.5",
+    "consistency.anchor.strength=2": "consistency.anchor.strength=2.0",
+    "consistency.anchor.min_level=-1": "consistency.anchor.min_level=-1",
+    "consistency.anchor.bands=0": "a positive integer",
+    "consistency.anchor.reference=-1": "consistency.anchor.reference=-1",
     "video.fps=0": "video.fps=0 is invalid: it must be a positive integer",
     "video.width=100": "video.width=100 is invalid: it must be a positive multiple of 16",
     "output.crf=64": "an integer from 0 to 63",
@@ -77,14 +81,15 @@ def test_rules_that_tie_options_together():
 
 
 def test_the_master_switch_turns_every_consistency_control_off():
-    on = ["consistency.qcache.enabled=true", "consistency.refbank.enabled=true", "consistency.shared_noise=0.5", "sampling.tail_noise=coherent"]
+    on = ["consistency.qcache.enabled=true", "consistency.refbank.enabled=true", "consistency.anchor.enabled=true", "consistency.shared_noise=0.5",
+          "sampling.tail_noise=coherent"]
     cfg = load_config("tiny-random", on)
     assert cfg.consistency.enabled and cfg.consistency.qcache.enabled and cfg.consistency.refbank.enabled and cfg.sampling.tail_noise == "coherent"
     assert cfg.consistency.shared_noise == 0.5
     for overrides in (["consistency.enabled=false", *on], [*on, "consistency.enabled=false"]):  # whatever the order
         cfg = load_config("tiny-random", overrides)
         assert not (cfg.consistency.qcache.enabled or cfg.consistency.refbank.enabled) and cfg.sampling.tail_noise == "iid"
-        assert cfg.consistency.shared_noise == 0.0
+        assert cfg.consistency.shared_noise == 0.0 and not cfg.consistency.anchor.enabled
 
 
 def test_unknown_keys_name_the_valid_ones():

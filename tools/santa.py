@@ -55,7 +55,8 @@ from fifo_stream.models.loading import load_model  # noqa: E402
 from fifo_stream.pipeline import FrameStream, StartClip, fifo_settings, generate  # noqa: E402
 from fifo_stream.sampling.ddim import sample_ddim  # noqa: E402
 
-OFF = ["consistency.qcache.enabled=false", "consistency.refbank.enabled=false", "consistency.shared_noise=0", "sampling.tail_noise=iid"]
+OFF = ["consistency.qcache.enabled=false", "consistency.refbank.enabled=false", "consistency.anchor.enabled=false", "consistency.shared_noise=0",
+       "sampling.tail_noise=iid"]
 BANK = [*OFF, "consistency.refbank.enabled=true"]
 # Each setting is every control off but its own, whatever the config turns on; "recommended" is the config's own.
 SETTINGS = {
@@ -72,6 +73,9 @@ SETTINGS = {
     "tail-dependency": [*OFF, "sampling.tail_noise=dependency"],
     "tail-mixed": [*OFF, "sampling.tail_noise=mixed"],
     **{f"shared-{a}": [*OFF, f"consistency.shared_noise={a}"] for a in (0.3, 0.5, 0.9)},
+    "anchor": [*OFF, "consistency.anchor.enabled=true"],
+    "anchor-3-bands": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.bands=3"],
+    "anchor-top-half": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.min_level=8"],
     "recommended": [],
 }
 SCENE_CHANGES = (600, 1200)

@@ -48,16 +48,23 @@ def ddim_step(
     scale_t: torch.Tensor | float = 1.0,
     scale_prev: torch.Tensor | float = 1.0,
     clip_x0: float | None = None,
+    correct_x0: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One DDIM update x_t -> x_prev; ``a_t``/``a_prev`` broadcast against ``x`` (per slot or scalar).
 
     ``scale_t``/``scale_prev`` are VideoCrafter2's optional ``use_scale`` factors (1 = off).
     ``clip_x0`` clamps the predicted clean sample to [-clip_x0, clip_x0] and re-derives eps
-    from it (DDPM's ``clip_denoised``, for pixel-space models whose data is bounded).
+    from it (DDPM's ``clip_denoised``, for pixel-space models whose data is bounded);
+    ``correct_x0`` likewise replaces the predicted clean sample by its result (a consistency
+    control); returning its input itself leaves the step as it is.
     """
     pred_x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt() / scale_t
+    predicted = pred_x0
     if clip_x0 is not None:
         pred_x0 = pred_x0.clamp(-clip_x0, clip_x0)
+    if correct_x0 is not None:
+        pred_x0 = correct_x0(pred_x0)
+    if pred_x0 is not predicted:
         eps = (x - a_t.sqrt() * scale_t * pred_x0) / (1 - a_t).sqrt()
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
     x_prev = a_prev.sqrt() * scale_prev * pred_x0 + (1 - a_prev - sigma**2).sqrt() * eps

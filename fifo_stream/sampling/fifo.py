@@ -108,11 +108,14 @@ class FifoEngine:
         refbank=None,
         forward=None,
         shared_noise: SharedNoise | None = None,
+        anchor=None,
     ):
         """``forward`` replaces ``unet(x, t, context, fps, attention_kwargs=...)`` for the ticks, e.g. a compiled U-Net.
 
         ``refbank`` is a control with ``attention_kwargs(layout)`` and ``commit()`` (see the module docstring).
         ``shared_noise`` mixes every noise latent that enters a slot with the shared component of the slot's level.
+        ``anchor`` is a control with ``observe(latent, tick)``, ``correct(x0, levels)`` and a state
+        (:class:`~fifo_stream.consistency.anchor.SubjectAnchor`): it corrects each step's predicted clean latents.
         """
         self.unet = unet
         self.forward = unet if forward is None else forward
@@ -122,6 +125,7 @@ class FifoEngine:
         self.max_batch = max_batch
         self.refbank = refbank
         self.shared_noise = shared_noise
+        self.anchor = anchor
         self.device = next(unet.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
@@ -197,6 +201,8 @@ class FifoEngine:
         if self.refbank is not None:
             self.refbank.commit()
         out = q[:, :, s.emit_slot].clone()
+        if self.anchor is not None:
+            self.anchor.observe(out, self.tick)
         tail = self._mix(self.noise().to(self.device, torch.float32)[:, :, None], self.slot_timesteps[-1])[:, :, 0]
         self.queue = torch.cat([q[:, :, 1:], tail[:, :, None]], dim=2)
         self.tick += 1
@@ -255,7 +261,8 @@ class FifoEngine:
         """DDIM step of the latents ``x`` that sit in queue ``slots``."""
         n = noise[:, :, slots] if noise is not None else None
         s_t, s_prev = (v[:, :, slots] if v is not None else 1.0 for v in (self._s_t, self._s_prev))
-        return ddim_step(x, eps, self._a_t[:, :, slots], self._a_prev[:, :, slots], self.settings.eta, n, s_t, s_prev, self.settings.clip_x0)
+        correct = None if self.anchor is None else (lambda x0: self.anchor.correct(x0, self.slot_levels[slots]))
+        return ddim_step(x, eps, self._a_t[:, :, slots], self._a_prev[:, :, slots], self.settings.eta, n, s_t, s_prev, self.settings.clip_x0, correct)
 
     def _sequential(self, q, cond, uncond, noise, attention_kwargs):
         s = self.settings
@@ -281,6 +288,7 @@ class FifoEngine:
             "settings": {k: getattr(s, k) for k in s.__dataclass_fields__},
             "shared_noise": self._shared_strength(),
             **({"refbank": self.refbank.state_dict()} if self.refbank is not None else {}),
+            **({"anchor": self.anchor.state_dict()} if self.anchor is not None else {}),
         }
 
     def _shared_strength(self) -> float:
@@ -304,3 +312,7 @@ class FifoEngine:
             if "refbank" not in state:
                 raise FifoStreamError("engine checkpoint holds no reference bank (made without consistency.refbank); resume with the run's own config")
             self.refbank.load_state_dict(state["refbank"])
+        if self.anchor is not None:
+            if "anchor" not in state:
+                raise FifoStreamError("engine checkpoint holds no subject anchor (made without consistency.anchor); resume with the run's own config")
+            self.anchor.load_state_dict(state["anchor"])

@@ -26,13 +26,15 @@ def test_prompts_leave_the_color_open_and_storyboards_never_name_it():
 def test_each_setting_turns_on_only_its_own_controls_whatever_the_config_turns_on():
     from fifo_stream.config import load_config
 
-    config_on = ["consistency.qcache.enabled=true", "consistency.refbank.enabled=true", "consistency.shared_noise=0.2", "sampling.tail_noise=mixed"]
+    config_on = ["consistency.qcache.enabled=true", "consistency.refbank.enabled=true", "consistency.anchor.enabled=true",
+                 "consistency.shared_noise=0.2", "sampling.tail_noise=mixed"]
     for name, overrides in santa.SETTINGS.items():
         cfg = load_config("tiny-random", [*config_on, *overrides])
         on = {k for k, v in (("qcache", cfg.consistency.qcache.enabled), ("bank", cfg.consistency.refbank.enabled),
-                             ("shared", cfg.consistency.shared_noise > 0), ("tail", cfg.sampling.tail_noise != "iid")) if v}
-        want = {"plain": set(), "qcache": {"qcache"}, "bank+qcache": {"bank", "qcache"}, "recommended": {"qcache", "bank", "shared", "tail"}}
-        kind = "bank" if name.startswith("bank") else "shared" if name.startswith("shared") else "tail"
+                             ("anchor", cfg.consistency.anchor.enabled), ("shared", cfg.consistency.shared_noise > 0),
+                             ("tail", cfg.sampling.tail_noise != "iid")) if v}
+        want = {"plain": set(), "qcache": {"qcache"}, "bank+qcache": {"bank", "qcache"}, "recommended": {"qcache", "bank", "anchor", "shared", "tail"}}
+        kind = next((k for k in ("bank", "shared", "anchor") if name.startswith(k)), "tail")
         assert on == want.get(name, {kind}), name
     assert load_config("tiny-random", santa.SETTINGS["shared-0.5"]).consistency.shared_noise == 0.5
 

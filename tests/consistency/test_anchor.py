@@ -1,0 +1,82 @@
+"""Subject appearance anchor: the subject's band colors move to the reference's, nothing else does; exact resume."""
+
+import numpy as np
+import pytest
+import torch
+
+from fifo_stream.config import load_config
+from fifo_stream.consistency.anchor import SubjectAnchor, band_means, subject_mask
+from fifo_stream.errors import FifoStreamError
+from fifo_stream.models.loading import load_model
+from fifo_stream.pipeline import FrameStream
+
+
+def scene(body, hat, top, left, height=3, width=3, size=8):
+    """A latent frame (1, 4, size, size): background 0, a subject whose first row has the ``hat`` channels and the rest ``body``."""
+    z = torch.zeros(1, 4, size, size)
+    z[0, :, top, left : left + width] = torch.tensor(hat)[:, None]
+    z[0, :, top + 1 : top + height, left : left + width] = torch.tensor(body)[:, None, None]
+    return z
+
+
+RED, GREEN = [2.0, -1.0, 0.5, 0.0], [-1.0, 2.0, 0.0, 0.5]
+BLUE, YELLOW = [0.0, 0.5, 2.0, -1.0], [1.5, 1.5, -0.5, 0.0]
+
+
+def test_the_mask_is_the_subject_and_bands_split_it_from_the_top():
+    z = scene(RED, GREEN, top=2, left=3)
+    mask = subject_mask(z)
+    assert mask[0, 0, 2:5, 3:6].min() == 1 and mask.sum() == 9  # the background reads 0
+    means, masks = band_means(z, mask, 3)
+    assert torch.allclose(means[0, 0], torch.tensor(GREEN)) and torch.allclose(means[0, 1], torch.tensor(RED))
+    assert masks[0, 0, 0, 2].sum() == 3 and masks[0, 0].sum() == 3
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_the_subject_takes_the_references_band_colors_where_it_is_now(strength):
+    anchor = SubjectAnchor(strength, min_level=2, bands=3, reference_tick=7)
+    anchor.observe(scene(RED, GREEN, top=1, left=1), tick=6)
+    assert anchor.reference is None  # not the reference tick
+    anchor.observe(scene(RED, GREEN, top=1, left=1), tick=7)
+    moved = scene(BLUE, YELLOW, top=4, left=4)  # another place, other colors
+    x0 = torch.stack([moved[:, :, None]] * 2, 2)[:, :, :, 0]  # (1, 4, 2 frames, 8, 8)
+    out = anchor.correct(x0, torch.tensor([2, 1]))  # frame 0 at a corrected level, frame 1 below it
+    want = scene([b + strength * (r - c) for b, r, c in zip(BLUE, RED, BLUE)], [y + strength * (g - c) for y, g, c in zip(YELLOW, GREEN, YELLOW)], top=4, left=4)
+    assert torch.allclose(out[:, :, 0], want, atol=1e-5)  # the subject's colors, in place; the background untouched
+    assert torch.equal(out[:, :, 1], x0[:, :, 1])
+    anchor.observe(scene(BLUE, BLUE, top=0, left=0), tick=7)  # the reference is kept once taken
+    assert torch.allclose(anchor.reference[0, 0], torch.tensor(GREEN))
+
+
+def test_without_a_reference_nothing_changes():
+    x0 = torch.randn(1, 4, 3, 8, 8)
+    assert SubjectAnchor(1.0, 0, 2, 5).correct(x0, torch.tensor([0, 5, 9])) is x0
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config("tiny-random", ["consistency.anchor.enabled=true", "consistency.anchor.reference=1"])
+    return cfg, load_model(cfg)
+
+
+def test_anchored_runs_resume_exactly_and_differ_from_plain(tiny, tmp_path):
+    cfg, model = tiny
+    straight = FrameStream(model, cfg, "a blue square", seed=3)
+    reference = [next(straight) for _ in range(6)]
+    plain = FrameStream(model, load_config("tiny-random"), "a blue square", seed=3)
+    plain_frames = [next(plain) for _ in range(6)]
+    assert np.array_equal(plain_frames[0], reference[0]) and np.array_equal(plain_frames[1], reference[1])  # up to the reference
+    assert not np.array_equal(plain_frames[5], reference[5])
+    first = FrameStream(model, cfg, "a blue square", seed=3)
+    head = [next(first) for _ in range(3)]  # the reference (frame 1) is taken
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    second = FrameStream(model, cfg, "a blue square", seed=3)
+    second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    for x, y in zip(reference, head + [next(second) for _ in range(3)]):
+        assert np.array_equal(x, y)
+
+
+def test_a_level_beyond_the_schedule_is_refused(tiny):
+    _, model = tiny
+    with pytest.raises(FifoStreamError, match="min_level=99 corrects no level"):
+        FrameStream(model, load_config("tiny-random", ["consistency.anchor.enabled=true", "consistency.anchor.min_level=99"]), "a red circle")
