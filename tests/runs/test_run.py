@@ -218,12 +218,12 @@ def test_rtmp_unreachable_is_one_line(tmp_path):
     [
         ["sampling.tail_noise=mixed", "consistency.shared_noise=0.5"],
         ["sampling.tail_noise=coherent"],
-        ["consistency.qcache.enabled=true", "consistency.qcache.strength_min=0.2"],
+        ["consistency.qcache.enabled=true", "consistency.qcache.strength_min=0.2", "consistency.anchor.enabled=true", "consistency.anchor.reference=2"],
         # The new controls together (one run keeps the suite fast): each carries state over the crash.
         ["consistency.refbank.enabled=true", "consistency.refbank.momentum=0.5", "consistency.refbank.reference=1",
          "--prompt", "4: a blue square", "storyboard.transition=2", "sampling.tail_noise=dependency"],
     ],
-    ids=["mixed-and-shared-noise", "coherent-noise", "qcache", "refbank-storyboard-dependency-noise"],
+    ids=["mixed-and-shared-noise", "coherent-noise", "qcache-anchor", "refbank-storyboard-dependency-noise"],
 )
 def test_consistency_controls_resume_frame_identically(tmp_path, extra):
     def start(name, env=None):
