@@ -43,3 +43,17 @@ def checkpoint_key_shapes() -> dict[str, tuple[int, ...]]:
         key, shape = line.split("\t")
         shapes[key] = () if shape == "scalar" else tuple(int(d) for d in shape.split("x"))
     return shapes
+
+
+def straight_and_resumed(model, cfg, prompt: str, seed: int, split: int, total: int, tmp_path: Path) -> tuple[list, list]:
+    """``total`` frames of one FrameStream, and the same frames from one saved after ``split`` frames and resumed in another."""
+    from fifo_stream.pipeline import FrameStream
+
+    straight = FrameStream(model, cfg, prompt, seed=seed)
+    frames = [next(straight) for _ in range(total)]
+    first = FrameStream(model, cfg, prompt, seed=seed)
+    head = [next(first) for _ in range(split)]
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    second = FrameStream(model, cfg, prompt, seed=seed)
+    second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    return frames, head + [next(second) for _ in range(total - split)]
