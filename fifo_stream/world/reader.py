@@ -39,7 +39,7 @@ def read_frame(frame: np.ndarray, threshold: float = 40.0) -> Reading:
     from whether it is much narrower at the top (a triangle).
     """
     rgb = frame.astype(np.float32)
-    foreground = foreground_mask(frame, threshold)
+    foreground = foreground_mask(rgb, threshold)
     if foreground.sum() < 12:
         return Reading(None, None, None)
     names = list(COLORS)
@@ -62,7 +62,7 @@ def read_frame(frame: np.ndarray, threshold: float = 40.0) -> Reading:
 
 def foreground_mask(frame: np.ndarray, threshold: float = 40.0) -> np.ndarray:
     """Pixels further than ``threshold`` from their row's median color (the background varies only vertically)."""
-    rgb = frame.astype(np.float32)
+    rgb = np.asarray(frame, dtype=np.float32)  # no copy when the caller already converted
     return np.abs(rgb - np.median(rgb, axis=1, keepdims=True)).max(axis=2) > threshold
 
 
