@@ -46,7 +46,8 @@ def checkpoint_key_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def straight_and_resumed(model, cfg, prompt: str, seed: int, split: int, total: int, tmp_path: Path) -> tuple[list, list]:
-    """``total`` frames of one FrameStream, and the same frames from one saved after ``split`` frames and resumed in another."""
+    """``total`` frames of one FrameStream, and the same frames from one saved after ``split`` frames and
+    resumed in another (whose frame count must go on from the saved one's)."""
     from fifo_stream.pipeline import FrameStream
 
     straight = FrameStream(model, cfg, prompt, seed=seed)
@@ -56,4 +57,6 @@ def straight_and_resumed(model, cfg, prompt: str, seed: int, split: int, total: 
     torch.save(first.state_dict(), tmp_path / "state.pt")
     second = FrameStream(model, cfg, prompt, seed=seed)
     second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-    return frames, head + [next(second) for _ in range(total - split)]
+    tail = [next(second) for _ in range(total - split)]
+    assert second.emitted == total
+    return frames, head + tail

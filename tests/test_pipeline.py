@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import straight_and_resumed
 from fifo_stream.config import load_config
 from fifo_stream.models.loading import load_model
 from fifo_stream.pipeline import FrameStream, generate
@@ -38,16 +39,6 @@ def test_warmup_discard_drops_exactly_the_first_s_minus_f_ticks(tiny):
 
 def test_resume_from_saved_state_is_exact(tiny, tmp_path):
     cfg, model = tiny
-    straight = FrameStream(model, cfg, "a blue square", seed=3)
-    reference = [next(straight) for _ in range(5)]
-
-    first = FrameStream(model, cfg, "a blue square", seed=3)
-    head = [next(first) for _ in range(2)]
-    torch.save(first.state_dict(), tmp_path / "state.pt")
-    del first
-    second = FrameStream(model, cfg, "a blue square", seed=3)
-    second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-    tail = [next(second) for _ in range(3)]
-    assert second.emitted == 5
-    for x, y in zip(reference, head + tail):
+    reference, resumed = straight_and_resumed(model, cfg, "a blue square", seed=3, split=2, total=5, tmp_path=tmp_path)
+    for x, y in zip(reference, resumed):
         assert np.array_equal(x, y)
