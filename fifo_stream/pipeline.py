@@ -147,7 +147,7 @@ class FrameStream:
             return None
         if a.min_level >= self.settings.steps:
             raise FifoStreamError(f"consistency.anchor.min_level={a.min_level} corrects no level: these settings have {self.settings.steps} (use 0 to {self.settings.steps - 1})")
-        return SubjectAnchor(a.strength, a.min_level, a.bands, self.skip + a.reference)
+        return SubjectAnchor(a.strength, a.min_level, a.bands, None if a.reference == "start" else self.skip + a.reference)
 
     def close(self) -> None:
         """Uninstall the consistency controls from the (shared) model."""
@@ -177,7 +177,10 @@ class FrameStream:
             self.settings.guidance_scale, self.settings.eta, g, self.model.scales, self.settings.clip_x0, x0, strength, self.shared_noise,
         )
         continues = self.start_clip is not None and self.start_clip.continues
-        self.engine.start_from_clip(distributed.broadcast_(clip), continues)  # rank 0's clip: identical queues on every rank
+        clip = distributed.broadcast_(clip)  # rank 0's clip: identical queues on every rank
+        if self.engine.anchor is not None:
+            self.engine.anchor.take_start(clip)
+        self.engine.start_from_clip(clip, continues)
 
     def _record_reference(self) -> None:
         """Fill the bank from the reference image: noised to every level (seeded), one U-Net row per level and branch."""

@@ -48,20 +48,31 @@ def band_means(z: torch.Tensor, mask: torch.Tensor, bands: int) -> tuple[torch.T
 
 
 class SubjectAnchor:
-    """Records the reference frame's subject colors and moves each corrected frame's toward them.
+    """Records the reference subject colors and moves each corrected frame's toward them.
 
     ``min_level``: levels at or above this index are corrected (0: all); ``reference_tick``: the
-    engine tick whose emitted latent is the reference.
+    engine tick whose emitted latent is the reference, or None to take it from the clip the queue
+    starts from (:meth:`take_start`).
     """
 
-    def __init__(self, strength: float, min_level: int, bands: int, reference_tick: int):
-        self.strength, self.min_level, self.bands, self.reference_tick = float(strength), int(min_level), int(bands), int(reference_tick)
+    def __init__(self, strength: float, min_level: int, bands: int, reference_tick: int | None):
+        self.strength, self.min_level, self.bands, self.reference_tick = float(strength), int(min_level), int(bands), reference_tick
         self.reference: torch.Tensor | None = None  # (1, B, c)
 
     def observe(self, latent: torch.Tensor, tick: int) -> None:
         """Take the emitted ``latent`` (1, c, h, w) of engine tick ``tick`` as the reference if it is the one."""
         if self.reference is None and tick == self.reference_tick:
             self.reference = band_means(latent, subject_mask(latent), self.bands)[0]
+
+    def take_start(self, clip: torch.Tensor) -> None:
+        """Take the reference from the clean clip (1, c, f, h, w) the queue starts from: its medoid frame's
+        band means (the frame closest to the others), so one odd frame does not decide the colors."""
+        if self.reference_tick is not None:
+            return
+        z = clip[0].transpose(0, 1)  # (f, c, h, w)
+        means = band_means(z, subject_mask(z), self.bands)[0]  # (f, B, c)
+        flat = means.flatten(1)
+        self.reference = means[torch.cdist(flat, flat).sum(1).argmin()][None].clone()
 
     def correct(self, x0: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """``x0`` (1, c, F, h, w) of frames at ``levels`` (F,), the chosen ones moved to the reference."""

@@ -49,6 +49,19 @@ def test_the_subject_takes_the_references_band_colors_where_it_is_now(strength):
     assert torch.allclose(anchor.reference[0, 0], torch.tensor(GREEN))
 
 
+def test_a_start_reference_is_the_clips_medoid_frame_not_an_odd_first_frame():
+    frames = [scene(BLUE, YELLOW, top=1, left=1)] + [scene(RED, GREEN, top=1 + i % 2, left=1 + i) for i in range(4)]
+    clip = torch.stack(frames, 2)  # (1, 4, 5, 8, 8): frame 0 alone shows other colors
+    anchor = SubjectAnchor(1.0, min_level=0, bands=3, reference_tick=None)
+    anchor.observe(frames[0], tick=0)  # no emitted frame is the reference
+    assert anchor.reference is None
+    anchor.take_start(clip)
+    assert torch.allclose(anchor.reference[0, 0], torch.tensor(GREEN)) and torch.allclose(anchor.reference[0, 1], torch.tensor(RED))
+    fixed = SubjectAnchor(1.0, min_level=0, bands=3, reference_tick=0)
+    fixed.take_start(clip)  # an emitted frame's reference ignores the start clip
+    assert fixed.reference is None
+
+
 def test_without_a_reference_nothing_changes():
     x0 = torch.randn(1, 4, 3, 8, 8)
     assert SubjectAnchor(1.0, 0, 2, 5).correct(x0, torch.tensor([0, 5, 9])) is x0
@@ -68,6 +81,15 @@ def test_anchored_runs_resume_exactly_and_differ_from_plain(tiny, tmp_path):
     plain_frames = [next(plain) for _ in range(6)]
     assert np.array_equal(plain_frames[0], straight[0]) and np.array_equal(plain_frames[1], straight[1])  # up to the reference
     assert not np.array_equal(plain_frames[5], straight[5])
+
+
+def test_a_start_reference_acts_from_the_first_frame_and_resumes_exactly(tmp_path):
+    cfg = load_config("tiny-random", ["consistency.anchor.enabled=true", "consistency.anchor.reference=start"])
+    model = load_model(cfg)
+    straight, resumed = straight_and_resumed(model, cfg, "a blue square", 3, split=2, total=4, tmp_path=tmp_path)
+    assert all(np.array_equal(x, y) for x, y in zip(straight, resumed))
+    plain = FrameStream(model, load_config("tiny-random"), "a blue square", seed=3)
+    assert not np.array_equal(next(plain), straight[0])  # corrected since the queue started: frame 0 too
 
 
 def test_a_level_beyond_the_schedule_is_refused(tiny):
