@@ -173,9 +173,19 @@ def _footage(args, cfg) -> dict[str, dict]:
     for flag, given in (("--pad-short", args.pad_short), ("--keep-input", args.keep_input)):
         if given and not args.init_video:
             raise FifoStreamError(f"{flag} applies to --init-video; give a video or drop it")
-    r = cfg.consistency.refbank
-    reference = r.reference if r.enabled and isinstance(r.reference, str) else None
-    return record_inputs({"init_image": args.init_image, "init_video": args.init_video, "reference": reference})
+    return record_inputs({"init_image": args.init_image, "init_video": args.init_video, "reference": _reference_image(cfg)})
+
+
+def _reference_image(cfg) -> str | None:
+    """The reference image the enabled controls name; with one, every enabled control that holds a reference takes it."""
+    controls = {name: cfg.consistency[name] for name in ("refbank", "anchor") if cfg.consistency[name].enabled}
+    images = {c.reference for c in controls.values() if isinstance(c.reference, str) and c.reference != "start"}
+    if not images:
+        return None
+    if len(images) > 1 or any(c.reference not in images for c in controls.values()):
+        named = ", ".join(f"consistency.{name}.reference={c.reference}" for name, c in controls.items())
+        raise FifoStreamError(f"{named}: a reference image is the reference of every enabled control; give each the same path")
+    return images.pop()
 
 
 def cmd_generate(args) -> None:
@@ -204,9 +214,10 @@ def cmd_generate(args) -> None:
     storyboard = Storyboard.parse(entries or OmegaConf.to_container(cfg.storyboard.prompts), cfg.storyboard.transition)
     if storyboard.scenes[-1][0] >= frames:
         raise FifoStreamError(f"the prompt at frame {storyboard.scenes[-1][0]} starts after the video's last frame ({frames - 1}); drop it or make the video longer")
-    reference = cfg.consistency.refbank.reference
-    if cfg.consistency.refbank.enabled and isinstance(reference, int) and reference >= frames:
-        raise FifoStreamError(f"consistency.refbank.reference={cfg.consistency.refbank.reference} is after the video's last frame ({frames - 1}); choose an earlier frame")
+    for name in ("refbank", "anchor"):
+        control = cfg.consistency[name]
+        if control.enabled and isinstance(control.reference, int) and control.reference >= frames:
+            raise FifoStreamError(f"consistency.{name}.reference={control.reference} is after the video's last frame ({frames - 1}); choose an earlier frame")
     if args.checkpoint_every < 1:
         raise FifoStreamError(f"--checkpoint-every must be >= 1 (got {args.checkpoint_every})")
     check_world_size(cfg)

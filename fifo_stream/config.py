@@ -209,12 +209,8 @@ def _layer_list(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, ListConfig) and all(isinstance(v, str) for v in value))
 
 
-def _frame_number(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _frame_or_path(value: Any) -> bool:
-    return _frame_number(value) or (isinstance(value, str) and value != "")
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (isinstance(value, str) and value != "")
 
 
 @dataclass
@@ -241,8 +237,8 @@ class AnchorConfig:
     strength: float = option(1.0, FRACTION)  # how far the subject's band means move to the reference's (1: all the way)
     min_level: int = option(0, at_least(0, "an integer"))  # corrected noise levels: index >= this (0: all of them)
     bands: int = option(2, POSITIVE)  # horizontal bands of the subject whose colors are kept apart (e.g. a hat and a body)
-    # the emitted frame number of the reference frame, or start: the medoid frame of the clip the queue starts from
-    reference: Any = option(0, Rule(lambda v: v == "start" or _frame_number(v), "an emitted frame number >= 0 or start"))
+    # the emitted frame number of the reference frame; start: the medoid frame of the clip the queue starts from; or an image's path
+    reference: Any = option(0, Rule(_frame_or_path, "an emitted frame number >= 0, start or an image path"))
 
 
 @dataclass

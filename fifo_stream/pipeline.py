@@ -80,9 +80,10 @@ class FrameStream:
 
     With ``runtime.compile`` the ticks run a compiled U-Net (the base clip runs eagerly).
 
-    ``start`` begins the video from the user's footage (:class:`StartClip`); with
-    ``consistency.refbank`` enabled, ``reference_image`` (H, W, 3) uint8 fills the bank from that
-    image instead of an emitted frame, at the cost of one one-frame U-Net row per noise level and branch.
+    ``start`` begins the video from the user's footage (:class:`StartClip`). ``reference_image``
+    (H, W, 3) uint8 is the reference of every enabled control that holds one, instead of an emitted
+    frame: the bank records it (one one-frame U-Net row per noise level and branch) and the
+    subject anchor takes its colors.
     """
 
     def __init__(
@@ -106,6 +107,10 @@ class FrameStream:
         self.cond = self.scene_contexts[:1]
         self.uncond = model.encode_text([cfg.sampling.negative_prompt])
         self.skip = settings.warmup_frames if cfg.sampling.discard_warmup else 0
+        for name in ("refbank", "anchor"):
+            control = cfg.consistency[name]
+            if control.enabled and isinstance(control.reference, str) and control.reference != "start" and reference_image is None:
+                raise FifoStreamError(f"consistency.{name}.reference names an image ({control.reference}); pass it as reference_image= (fifo_stream.inputs.read_image and fit_frame)")
         if start is not None and start.continues:
             self.skip = settings.frames - settings.emit_slot  # the input's own frames that are still to be emitted
         check_world_size(cfg)
@@ -147,7 +152,8 @@ class FrameStream:
             return None
         if a.min_level >= self.settings.steps:
             raise FifoStreamError(f"consistency.anchor.min_level={a.min_level} corrects no level: these settings have {self.settings.steps} (use 0 to {self.settings.steps - 1})")
-        return SubjectAnchor(a.strength, a.min_level, a.bands, None if a.reference == "start" else self.skip + a.reference)
+        given = a.reference == "start" or self.reference_image is not None  # take_reference() in start()
+        return SubjectAnchor(a.strength, a.min_level, a.bands, None if given else self.skip + a.reference)
 
     def close(self) -> None:
         """Uninstall the consistency controls from the (shared) model."""
@@ -178,14 +184,15 @@ class FrameStream:
         )
         continues = self.start_clip is not None and self.start_clip.continues
         clip = distributed.broadcast_(clip)  # rank 0's clip: identical queues on every rank
-        if self.engine.anchor is not None:
-            self.engine.anchor.take_start(clip)
+        anchor = self.engine.anchor
+        if anchor is not None and anchor.reference_tick is None:
+            anchor.take_reference(self._reference_latent()[:, :, 0] if self.reference_image is not None else clip[0].transpose(0, 1))
         self.engine.start_from_clip(clip, continues)
 
     def _record_reference(self) -> None:
         """Fill the bank from the reference image: noised to every level (seeded), one U-Net row per level and branch."""
         s = self.settings
-        z = self.model.encode(self.reference_image[None])  # (1, c, 1, h, w)
+        z = self._reference_latent()
         levels = fifo_timesteps(s.steps, len(self.model.alphas))
         a = self.model.alphas[levels].float().to(z).reshape(-1, 1, 1, 1, 1)
         g = torch.Generator(device=self.model.device).manual_seed(self.seed + 3)
@@ -201,6 +208,10 @@ class FrameStream:
         t, cond, uncond = levels.to(z.device)[:, None], self.cond.expand(s.steps, -1, -1), self.uncond.expand(s.steps, -1, -1)
         guided_eps(self._unet, x, t, cond, uncond, s.guidance_scale, self.engine.max_batch, self.refbank.attention_kwargs(layout))
         self.refbank.commit(gather=False)  # every rank ran every row
+
+    def _reference_latent(self) -> torch.Tensor:
+        """The reference image's latent (1, c, 1, h, w)."""
+        return self.model.encode(self.reference_image[None])
 
     def tick(self) -> torch.Tensor | None:
         """One tick of the queue (the base clip first): the latent (b, c, h, w) it emits, None in warm-up."""

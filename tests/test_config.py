@@ -44,7 +44,6 @@ BAD = {
     "consistency.anchor.min_level=-1": "consistency.anchor.min_level=-1",
     "consistency.anchor.bands=0": "a positive integer",
     "consistency.anchor.reference=-1": "consistency.anchor.reference=-1",
-    "consistency.anchor.reference=first": "an emitted frame number >= 0 or start",
     "video.fps=0": "video.fps=0 is invalid: it must be a positive integer",
     "video.width=100": "video.width=100 is invalid: it must be a positive multiple of 16",
     "output.crf=64": "an integer from 0 to 63",

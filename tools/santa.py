@@ -76,6 +76,8 @@ SETTINGS = {
     "anchor": [*OFF, "consistency.anchor.enabled=true"],
     "anchor-3-bands": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.bands=3"],
     "anchor-top-half": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.min_level=8"],
+    "anchor-start": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.reference=start"],
+    "anchor-start-3-bands": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.reference=start", "consistency.anchor.bands=3"],
     "recommended": [],
 }
 SCENE_CHANGES = (600, 1200)

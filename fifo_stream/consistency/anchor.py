@@ -51,8 +51,8 @@ class SubjectAnchor:
     """Records the reference subject colors and moves each corrected frame's toward them.
 
     ``min_level``: levels at or above this index are corrected (0: all); ``reference_tick``: the
-    engine tick whose emitted latent is the reference, or None to take it from the clip the queue
-    starts from (:meth:`take_start`).
+    engine tick whose emitted latent is the reference, or None when the caller gives the reference
+    frames (:meth:`take_reference`: the clip the queue starts from, or the user's image).
     """
 
     def __init__(self, strength: float, min_level: int, bands: int, reference_tick: int | None):
@@ -64,13 +64,10 @@ class SubjectAnchor:
         if self.reference is None and tick == self.reference_tick:
             self.reference = band_means(latent, subject_mask(latent), self.bands)[0]
 
-    def take_start(self, clip: torch.Tensor) -> None:
-        """Take the reference from the clean clip (1, c, f, h, w) the queue starts from: its medoid frame's
-        band means (the frame closest to the others), so one odd frame does not decide the colors."""
-        if self.reference_tick is not None:
-            return
-        z = clip[0].transpose(0, 1)  # (f, c, h, w)
-        means = band_means(z, subject_mask(z), self.bands)[0]  # (f, B, c)
+    def take_reference(self, z: torch.Tensor) -> None:
+        """Take the reference from clean latent frames ``z`` (n, c, h, w): the band means of their medoid
+        frame (the one closest to the others), so one odd frame does not decide the colors."""
+        means = band_means(z, subject_mask(z), self.bands)[0]  # (n, B, c)
         flat = means.flatten(1)
         self.reference = means[torch.cdist(flat, flat).sum(1).argmin()][None].clone()
 

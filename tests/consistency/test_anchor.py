@@ -49,17 +49,13 @@ def test_the_subject_takes_the_references_band_colors_where_it_is_now(strength):
     assert torch.allclose(anchor.reference[0, 0], torch.tensor(GREEN))
 
 
-def test_a_start_reference_is_the_clips_medoid_frame_not_an_odd_first_frame():
-    frames = [scene(BLUE, YELLOW, top=1, left=1)] + [scene(RED, GREEN, top=1 + i % 2, left=1 + i) for i in range(4)]
-    clip = torch.stack(frames, 2)  # (1, 4, 5, 8, 8): frame 0 alone shows other colors
+def test_given_reference_frames_give_their_medoids_colors_not_an_odd_frames():
+    frames = torch.cat([scene(BLUE, YELLOW, top=1, left=1)] + [scene(RED, GREEN, top=1 + i % 2, left=1 + i) for i in range(4)])
     anchor = SubjectAnchor(1.0, min_level=0, bands=3, reference_tick=None)
-    anchor.observe(frames[0], tick=0)  # no emitted frame is the reference
+    anchor.observe(frames[:1], tick=0)  # no emitted frame is the reference
     assert anchor.reference is None
-    anchor.take_start(clip)
+    anchor.take_reference(frames)  # frame 0 alone shows other colors
     assert torch.allclose(anchor.reference[0, 0], torch.tensor(GREEN)) and torch.allclose(anchor.reference[0, 1], torch.tensor(RED))
-    fixed = SubjectAnchor(1.0, min_level=0, bands=3, reference_tick=0)
-    fixed.take_start(clip)  # an emitted frame's reference ignores the start clip
-    assert fixed.reference is None
 
 
 def test_without_a_reference_nothing_changes():
@@ -90,6 +86,19 @@ def test_a_start_reference_acts_from_the_first_frame_and_resumes_exactly(tmp_pat
     assert all(np.array_equal(x, y) for x, y in zip(straight, resumed))
     plain = FrameStream(model, load_config("tiny-random"), "a blue square", seed=3)
     assert not np.array_equal(next(plain), straight[0])  # corrected since the queue started: frame 0 too
+
+
+def test_a_reference_image_gives_the_anchor_its_colors_and_must_be_passed(tiny):
+    _, model = tiny
+    cfg = load_config("tiny-random", ["consistency.anchor.enabled=true", "consistency.anchor.reference=mine.png"])
+    with pytest.raises(FifoStreamError, match=r"names an image \(mine.png\); pass it as reference_image="):
+        FrameStream(model, cfg, "a red circle")
+    image = np.zeros((cfg.video.height, cfg.video.width, 3), np.uint8)
+    image[20:44, 24:40] = (255, 255, 0)
+    stream = FrameStream(model, cfg, "a red circle", reference_image=image)
+    stream.start()
+    z = model.encode(image[None])[:, :, 0]
+    assert torch.equal(stream.engine.anchor.reference, band_means(z, subject_mask(z), 2)[0])
 
 
 def test_a_level_beyond_the_schedule_is_refused(tiny):
