@@ -6,6 +6,7 @@
     python tools/santa.py --ckpt runs/v2/tiny-shapes.safetensors ...   # a world v2 model (see models/tiny-shapes.md)
     python tools/santa.py --windows 16 --ckpt ...   # first: does the model keep them within one window?
     python tools/santa.py --extend 8 --frames 64 --settings plain,bank --ckpt ...   # and past the end of a clip?
+    python tools/santa.py --reference yellow,red --settings plain,anchor --ckpt ...   # the user's image as the identity
 
 Every prompt leaves the body color open ("a circle moves right on a black background") and
 no prompt names the hat, so both are chosen by the first frames' noise; the question is whether
@@ -26,6 +27,10 @@ cannot help a model that does not keep it within one (``OUT/windows.json``).
 ``--init-video`` does) whose body color and hat are known, the prompt leaving both open, and
 counts the new frames that keep them: from the first new frame, and in all (``OUT/extend.json``).
 
+``--reference BODY,HAT`` gives every cell a reference image: the seed's scene rendered with that
+body and hat color, the reference of every enabled control (``reference_image``); each cell then
+also reports ``reference_match``, the fraction of frames showing that body and that hat.
+
 Resumable: each finished cell is written to ``OUT/cells/`` and skipped on the next run. The
 summary is ``OUT/results.json``, ``OUT/results.md`` (a Markdown table) and ``OUT/results.png``
 (per setting, the fraction of seeds whose hat is still frame 0's, over time).
@@ -34,6 +39,7 @@ summary is ``OUT/results.json``, ``OUT/results.md`` (a Markdown table) and ``OUT
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -52,7 +58,7 @@ from fifo_stream.consistency.storyboard import Storyboard  # noqa: E402
 from fifo_stream.durable import atomic_write  # noqa: E402
 from fifo_stream.inputs.fit import fit_frame  # noqa: E402
 from fifo_stream.models.loading import load_model  # noqa: E402
-from fifo_stream.pipeline import FrameStream, StartClip, fifo_settings, generate  # noqa: E402
+from fifo_stream.pipeline import FrameStream, StartClip, fifo_settings  # noqa: E402
 from fifo_stream.sampling.ddim import sample_ddim  # noqa: E402
 
 OFF = ["consistency.qcache.enabled=false", "consistency.refbank.enabled=false", "consistency.anchor.enabled=false", "consistency.shared_noise=0",
@@ -95,13 +101,29 @@ def prompt(seed: int, storyboard: bool) -> str | list[str]:
     return [scenes[0], *(f"{frame}: {text}" for frame, text in zip(SCENE_CHANGES, scenes[1:]))]
 
 
-def run_cell(model, cfg, text: str | list[str], frames: int, seed: int) -> dict:
-    """Generate one video and score it (per-frame readings kept for the plot)."""
+def reference_image(seed: int, colors: tuple[str, str], size: int) -> np.ndarray:
+    """The seed's scene, its object drawn with body and hat ``colors``: one frame (size, size, 3)."""
+    scene = world.scene_from_caption(prompt(seed, False), size, seed, open_identity=True)
+    obj = dataclasses.replace(scene.objects[0], color=colors[0], hat=colors[1])
+    return world.render(dataclasses.replace(scene, objects=(obj,)), size, 1)[0]
+
+
+def run_cell(model, cfg, text: str | list[str], frames: int, seed: int, reference: tuple[str, str] | None = None) -> dict:
+    """Generate one video and score it (per-frame readings kept for the plot); with ``reference``
+    (body, hat) the controls hold a rendered reference image and the report says how many frames show it."""
     story = Storyboard.parse([text] if isinstance(text, str) else text, cfg.storyboard.transition)
+    image = reference_image(seed, reference, cfg.video.height) if reference else None
     start = time.perf_counter()
-    video = list(generate(model, cfg, story, frames, seed=seed, progress=False))
+    stream = FrameStream(model, cfg, story, seed, reference_image=image)
+    try:
+        video = [next(stream) for _ in range(frames)]
+    finally:
+        stream.close()
     seconds = time.perf_counter() - start
     report = eval_consistency.evaluate(video, story.prompts[0])
+    if reference:
+        report["reference"] = list(reference)
+        report["reference_match"] = float(np.mean([r[0] == reference[0] and r[2] == reference[1] for r in report["per_frame"]["readings"]]))
     if not isinstance(text, str):  # later scenes name other directions and backgrounds, never the color
         report["storyboard"] = text
     report["s_per_frame"] = seconds / frames
@@ -179,6 +201,9 @@ def summarize(cells: dict[str, list[dict]]) -> dict:
         row["flicker"] = float(np.mean([r["flicker"] for r in reports]))
         row["speed"] = float(np.mean([r["speed"] for r in reports]))
         row["s_per_frame"] = float(np.mean([r["s_per_frame"] for r in reports]))
+        if "reference_match" in reports[0]:
+            row["reference_match"] = float(np.mean([r["reference_match"] for r in reports]))
+            row["reference_match_worst"] = float(min(r["reference_match"] for r in reports))
         out[name] = row
     return out
 
@@ -193,6 +218,9 @@ def table(summary: dict) -> str:
             f"{r['color_changes_per_1000']:.2f} | {r['hat_retention']:.3f} / {r['hat_retention_worst']:.3f} | {r['hat_changes_per_1000']:.2f} | "
             f"{r['color_kept_all']} / {r['hat_kept_all']} | {r['shape_accuracy']:.3f} | {r['flicker']:.3f} | {r['speed']:.2f} | {r['s_per_frame']:.3f} |"
         )
+    matches = [f"| {name} | {r['reference_match']:.3f} / {r['reference_match_worst']:.3f} |" for name, r in summary.items() if "reference_match" in r]
+    if matches:
+        lines += ["", "| setting | frames showing the reference's body and hat (mean / worst) |", "| --- | --- |", *matches]
     return "\n".join(lines) + "\n"
 
 
@@ -229,6 +257,7 @@ def main(argv=None) -> None:
     p.add_argument("--config", default="tiny")
     p.add_argument("--ckpt", default=None, help="model weights (default: the config's); hats need a world v2 model")
     p.add_argument("--windows", type=int, default=0, metavar="N", help="only check N one-window clips (see above)")
+    p.add_argument("--reference", default=None, metavar="BODY,HAT", help="a rendered reference image with these body and hat colors (see above)")
     p.add_argument("--extend", type=int, default=0, metavar="N", help="only continue N world clips of known identity, --frames new frames each, per --settings (see above)")
     args = p.parse_args(argv)
     names = args.settings.split(",")
@@ -237,6 +266,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
     if args.storyboard and args.frames <= SCENE_CHANGES[-1]:
         raise SystemExit(f"error: --storyboard needs --frames above {SCENE_CHANGES[-1]} (its last scene starts there)")
+    reference = tuple(args.reference.split(",")) if args.reference else None
+    if reference and (len(reference) != 2 or reference[0] == reference[1] or not set(reference) <= set(world.COLORS)):
+        raise SystemExit(f"error: --reference takes two different colors BODY,HAT of: {', '.join(world.COLORS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(load_config(args.config), args.ckpt)  # the settings change sampling and consistency, not the model
@@ -257,7 +289,7 @@ def main(argv=None) -> None:
             path = out / "cells" / f"{name}-{seed}.json"
             if not path.exists():
                 cfg = load_config(args.config, SETTINGS[name])
-                report = run_cell(model, cfg, prompt(seed, args.storyboard), args.frames, seed)
+                report = run_cell(model, cfg, prompt(seed, args.storyboard), args.frames, seed, reference)
                 atomic_write(path, (json.dumps(report) + "\n").encode())
                 print(json.dumps({"setting": name, "seed": seed, **{a: m["retention"] for a, m in report["open"].items()}}), flush=True)
             cells.setdefault(name, []).append(json.loads(path.read_text()))

@@ -61,6 +61,19 @@ def test_a_small_grid_writes_its_cells_and_resumes(tmp_path, capsys):
         santa.main([*base, "--settings", "plain,nonsense"])
 
 
+def test_a_reference_image_is_the_seeds_scene_in_the_given_colors_and_cells_report_the_match(tmp_path):
+    image = santa.reference_image(2, ("yellow", "red"), 64)
+    assert tuple(world.read_frame(image)) == ("yellow", world.parse_caption(santa.prompt(2, False))[0][0][1], "red")
+    out = tmp_path / "ref"
+    santa.main(["--out", str(out), "--seeds", "1", "--frames", "4", "--config", "tiny-random", "--settings", "anchor", "--reference", "yellow,red"])
+    report = json.loads((out / "cells" / "anchor-0.json").read_text())
+    readings = report["per_frame"]["readings"]
+    assert report["reference_match"] == sum(r[0] == "yellow" and r[2] == "red" for r in readings) / 4
+    assert "frames showing the reference's body and hat" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit, match="two different colors"):
+        santa.main(["--out", str(out), "--reference", "yellow,yellow"])
+
+
 def test_window_agreement_and_check(tmp_path):
     assert santa.agreement(["red"] * 8) == (True, 1.0)
     assert santa.agreement(["red"] * 6 + ["blue", None]) == (False, 0.75)
