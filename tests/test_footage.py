@@ -116,12 +116,13 @@ def footage(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("flag, name", [("--init-image", "image.png"), ("--init-video", "clip.mp4"), ("consistency.refbank.reference", "image.png"),
-                                        ("consistency.anchor.reference", "image.png")])
+@pytest.mark.parametrize("flag, name", [("--init-image", "image.png"), ("--init-video", "clip.mp4"), ("consistency.refbank.reference", "image.png")])
 def test_kill_and_resume_with_footage_is_exact_and_a_changed_input_is_refused(tmp_path, footage, flag, name):
     source = tmp_path / name
     shutil.copy(footage / name, source)
-    given = [f"{flag}={source}", flag.replace("reference", "enabled=true")] if flag.startswith("consistency") else [flag, str(source)]
+    # the reference image is held by the bank and the subject anchor both
+    controls = ("consistency.refbank", "consistency.anchor")
+    given = [f"{c}.{k}" for c in controls for k in (f"reference={source}", "enabled=true")] if flag.startswith("consistency") else [flag, str(source)]
     keep = flag == "--init-video"  # the outputs start with the clip's 12 frames, then the 12 new ones
     base = ["generate", "a red circle moves right on a black background", "--config", "tiny", "--frames", "12",
             "--checkpoint-every", "4", "--quiet", *given, *(["--keep-input"] if keep else [])]
