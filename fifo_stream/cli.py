@@ -178,13 +178,15 @@ def _footage(args, cfg) -> dict[str, dict]:
 
 def _reference_image(cfg) -> str | None:
     """The reference image the enabled controls name; with one, every enabled control that holds a reference takes it."""
-    controls = {name: cfg.consistency[name] for name in ("refbank", "anchor") if cfg.consistency[name].enabled}
-    images = {c.reference for c in controls.values() if isinstance(c.reference, str) and c.reference != "start"}
+    from .pipeline import REFERENCE_CONTROLS, reference_image_path
+
+    named = {name: reference_image_path(cfg, name) for name in REFERENCE_CONTROLS if cfg.consistency[name].enabled}
+    images = set(named.values()) - {None}
     if not images:
         return None
-    if len(images) > 1 or any(c.reference not in images for c in controls.values()):
-        named = ", ".join(f"consistency.{name}.reference={c.reference}" for name, c in controls.items())
-        raise FifoStreamError(f"{named}: a reference image is the reference of every enabled control; give each the same path")
+    if len(images) > 1 or None in named.values():
+        given = ", ".join(f"consistency.{name}.reference={cfg.consistency[name].reference}" for name in named)
+        raise FifoStreamError(f"{given}: a reference image is the reference of every enabled control; give each the same path")
     return images.pop()
 
 
@@ -196,7 +198,7 @@ def cmd_generate(args) -> None:
     from .runs import distributed
     from .config import default_config, load_config
     from .models.loading import load_model
-    from .pipeline import check_world_size
+    from .pipeline import REFERENCE_CONTROLS, check_world_size
     from .consistency.refbank import select_layers
     from .runs.inputs import kept_input_length, load_inputs
     from .runs.loop import execute
@@ -214,7 +216,7 @@ def cmd_generate(args) -> None:
     storyboard = Storyboard.parse(entries or OmegaConf.to_container(cfg.storyboard.prompts), cfg.storyboard.transition)
     if storyboard.scenes[-1][0] >= frames:
         raise FifoStreamError(f"the prompt at frame {storyboard.scenes[-1][0]} starts after the video's last frame ({frames - 1}); drop it or make the video longer")
-    for name in ("refbank", "anchor"):
+    for name in REFERENCE_CONTROLS:
         control = cfg.consistency[name]
         if control.enabled and isinstance(control.reference, int) and control.reference >= frames:
             raise FifoStreamError(f"consistency.{name}.reference={control.reference} is after the video's last frame ({frames - 1}); choose an earlier frame")

@@ -40,6 +40,18 @@ def fifo_settings(cfg: DictConfig, model: VideoModel) -> FifoSettings:
     )
 
 
+REFERENCE_CONTROLS = ("refbank", "anchor")  # the consistency controls that hold a reference (a frame or an image)
+
+
+def reference_image_path(cfg: DictConfig, name: str) -> str | None:
+    """The image path ``consistency.<name>.reference`` names, if that control is enabled and names one
+    (a string; the anchor's ``start`` is not a path)."""
+    control = cfg.consistency[name]
+    if control.enabled and isinstance(control.reference, str) and not (name == "anchor" and control.reference == "start"):
+        return control.reference
+    return None
+
+
 def check_world_size(cfg: DictConfig) -> None:
     """Refuse what cannot be shared out over the processes of a torchrun job."""
     if distributed.world_size() == 1:
@@ -107,10 +119,10 @@ class FrameStream:
         self.cond = self.scene_contexts[:1]
         self.uncond = model.encode_text([cfg.sampling.negative_prompt])
         self.skip = settings.warmup_frames if cfg.sampling.discard_warmup else 0
-        for name in ("refbank", "anchor"):
-            control = cfg.consistency[name]
-            if control.enabled and isinstance(control.reference, str) and control.reference != "start" and reference_image is None:
-                raise FifoStreamError(f"consistency.{name}.reference names an image ({control.reference}); pass it as reference_image= (fifo_stream.inputs.read_image and fit_frame)")
+        for name in REFERENCE_CONTROLS:
+            path = reference_image_path(cfg, name)
+            if path is not None and reference_image is None:
+                raise FifoStreamError(f"consistency.{name}.reference names an image ({path}); pass it as reference_image= (fifo_stream.inputs.read_image and fit_frame)")
         if start is not None and start.continues:
             self.skip = settings.frames - settings.emit_slot  # the input's own frames that are still to be emitted
         check_world_size(cfg)
@@ -172,8 +184,13 @@ class FrameStream:
         b, c, h, w = self.latent_shape
         g = torch.Generator(device=self.model.device).manual_seed(self.seed)
         noise = torch.randn((b, c, self.settings.frames, h, w), generator=g, device=self.model.device)
-        if self.reference_image is not None and self.refbank is not None:
-            self._record_reference()
+        anchor = self.engine.anchor
+        anchor_takes = anchor is not None and anchor.reference_tick is None
+        reference = None
+        if self.reference_image is not None and (self.refbank is not None or anchor_takes):
+            reference = self.model.encode(self.reference_image[None])  # (1, c, 1, h, w)
+        if reference is not None and self.refbank is not None:
+            self._record_reference(reference)
         x0, strength = None, 1.0
         if self.start_clip is not None:  # an image is repeated over the window; a video's f frames are the window
             x0 = self.model.encode(self.start_clip.frames).expand(-1, -1, self.settings.frames, -1, -1).contiguous()
@@ -184,15 +201,14 @@ class FrameStream:
         )
         continues = self.start_clip is not None and self.start_clip.continues
         clip = distributed.broadcast_(clip)  # rank 0's clip: identical queues on every rank
-        anchor = self.engine.anchor
-        if anchor is not None and anchor.reference_tick is None:
-            anchor.take_reference(self._reference_latent()[:, :, 0] if self.reference_image is not None else clip[0].transpose(0, 1))
+        if anchor_takes:
+            anchor.take_reference(reference[:, :, 0] if reference is not None else clip[0].transpose(0, 1))
         self.engine.start_from_clip(clip, continues)
 
-    def _record_reference(self) -> None:
-        """Fill the bank from the reference image: noised to every level (seeded), one U-Net row per level and branch."""
+    def _record_reference(self, z: torch.Tensor) -> None:
+        """Fill the bank from the reference image's latent ``z`` (1, c, 1, h, w): noised to every level
+        (seeded), one U-Net row per level and branch."""
         s = self.settings
-        z = self._reference_latent()
         levels = fifo_timesteps(s.steps, len(self.model.alphas))
         a = self.model.alphas[levels].float().to(z).reshape(-1, 1, 1, 1, 1)
         g = torch.Generator(device=self.model.device).manual_seed(self.seed + 3)
@@ -208,10 +224,6 @@ class FrameStream:
         t, cond, uncond = levels.to(z.device)[:, None], self.cond.expand(s.steps, -1, -1), self.uncond.expand(s.steps, -1, -1)
         guided_eps(self._unet, x, t, cond, uncond, s.guidance_scale, self.engine.max_batch, self.refbank.attention_kwargs(layout))
         self.refbank.commit(gather=False)  # every rank ran every row
-
-    def _reference_latent(self) -> torch.Tensor:
-        """The reference image's latent (1, c, 1, h, w)."""
-        return self.model.encode(self.reference_image[None])
 
     def tick(self) -> torch.Tensor | None:
         """One tick of the queue (the base clip first): the latent (b, c, h, w) it emits, None in warm-up."""

@@ -224,6 +224,7 @@ BAD_INPUTS = {
     "init image and video together": (GEN + ["--frames", "2", "--init-image", "a.png", "--init-video", "b.mp4"], "not allowed with argument --init-image"),
     "unknown fit mode": (GEN + ["--frames", "2", "--init-image", "a.png", "--fit", "zoom"], "invalid choice: 'zoom'"),
     "reference image missing": (GEN + ["--frames", "2", "consistency.refbank.enabled=true", "consistency.refbank.reference=nope.png"], "nope.png does not exist"),
+    "bank reference named start": (GEN + ["--frames", "2", "consistency.refbank.enabled=true", "consistency.refbank.reference=start"], "start does not exist"),
     "anchor reference after the end": (GEN + ["--frames", "2", "consistency.anchor.enabled=true", "consistency.anchor.reference=2"], "after the video's last frame"),
     "bank and anchor name other references": (GEN + ["--frames", "2", "consistency.refbank.enabled=true", "consistency.refbank.reference=a.png",
                                                      "consistency.anchor.enabled=true", "consistency.anchor.reference=start"], "give each the same path"),
