@@ -69,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fifo-fraction", type=float, default=0.5, help="fraction of batches with FIFO per-frame timesteps")
     p.add_argument("--focus", type=float, default=0.75, help="fraction of one-timestep batches drawn from the sampler's FIFO levels")
     p.add_argument("--object-weight", type=float, default=1.0, help="loss weight of latent cells covered by an object (1: unweighted)")
+    p.add_argument("--hat-weight", type=float, default=None, help="loss weight of latent cells covered by a hat (default: --object-weight)")
     p.add_argument("--v-weight-cap", type=float, default=1.0, help="weight each frame's eps loss by min(1 / alpha_bar_t, CAP), v-prediction's weighting capped (1: the plain eps loss)")
     p.add_argument("--offset-noise", type=float, default=0.3, help="weight of a per-clip constant, one per color (pixel_shuffle) or latent channel, added to the noise")
     p.add_argument("--coarse-noise", type=float, default=0.2, help="weight of a per-clip 4x4 noise field, upsampled, added to the noise")
@@ -131,22 +132,25 @@ def batch(cfg, codec, step: int, args, device) -> tuple[torch.Tensor, list[str],
     """Clean latents (B, c, f, h, w), captions and loss weights (B, 1, f, h, w) of training step ``step``.
 
     A latent cell's weight is 1 plus ``--object-weight - 1`` times the fraction of its pixels that
-    show an object: the hat is about one latent row, and an unweighted loss is mostly background.
+    show an object (an unweighted loss is mostly background), plus ``--hat-weight - --object-weight``
+    times the fraction that show a hat: the hat is a few latent cells that no caption names.
     """
     size = cfg.video.height
     count, f = clip_shape(cfg, step, args)
-    clips, masks, captions = [], [], []
+    clips, masks, hats, captions = [], [], [], []
     rng = np.random.default_rng([args.seed, step])
     for i in range(count):
         scene = world.random_scene(size, int(rng.integers(2**62)), open_identity=args.open_identity)
         clips.append(world.render(scene, size, f))
         masks.append(world.object_mask(scene, size, f))
+        hats.append(world.object_mask(scene, size, f, hats=True))
         captions.append("" if rng.random() < args.cfg_dropout else scene.caption)
     pixels = torch.from_numpy(np.stack(clips)).to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # b t 3 H W
     b, t = pixels.shape[:2]
     z = encode_frames(codec, pixels.flatten(0, 1), cfg.model.schedule.scale_factor, cfg.model.vae.upscale)
-    cover = F.adaptive_avg_pool2d(torch.from_numpy(np.stack(masks)).to(device).float(), z.shape[-2:])  # b t h w
-    weights = 1 + (args.object_weight - 1) * cover
+    cover, hat_cover = (F.adaptive_avg_pool2d(torch.from_numpy(np.stack(m)).to(device).float(), z.shape[-2:]) for m in (masks, hats))  # b t h w
+    hat_weight = args.object_weight if args.hat_weight is None else args.hat_weight
+    weights = 1 + (args.object_weight - 1) * cover + (hat_weight - args.object_weight) * hat_cover
     return z.unflatten(0, (b, t)).transpose(1, 2), captions, weights[:, None]
 
 

@@ -16,7 +16,7 @@ from .scenes import (
     BACKGROUNDS,
     DIRECTIONS,
     OPEN_COLOR,
-    HAT,
+    HAT_DEPTH,
     VOCAB,
     WorldObject,
     Scene,

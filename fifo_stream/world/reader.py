@@ -6,12 +6,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .scenes import COLORS
+from .scenes import COLORS, HAT_DEPTH
 
 
-# Smallest hat, as a fraction of the body's pixels: a triangle's apex is about 0.1 of its body; an
-# encoder's blended edge on a hatless object stays under 0.045 (measured after libx264 at 64x64).
+# Smallest hat, as a fraction of the body's pixels: a hat holds half the body's area; an encoder's
+# blended edge on a hatless object stays under 0.045 (measured after libx264 at 64x64).
 MIN_HAT = 0.055
+# How far above the body a hat can reach, in body heights: the deepest hat's share of the height
+# over the body's share.
+HAT_REACH = max(d / (1 - d) for d in HAT_DEPTH.values())
 
 
 class Reading(NamedTuple):
@@ -80,13 +83,13 @@ def _object_mask(mask: np.ndarray) -> np.ndarray:
 def _hat(nearest: np.ndarray, body: np.ndarray, body_index: int) -> tuple[int | None, np.ndarray]:
     """(palette index, mask) of the hat above ``body``; (None, empty) where there is none.
 
-    The hat is the top third of the object, so it spans half the body's height above the body's
-    top row; a pixel or two of slack covers blurred edges.
+    The hat spans up to ``HAT_REACH`` body heights above the body's top row; a pixel or two of slack
+    covers blurred edges.
     """
     rows, cols = np.nonzero(body)
     top, height = rows.min(), rows.max() - rows.min() + 1
     band = np.zeros(body.shape, dtype=bool)
-    band[max(0, top - (height + 1) // 2 - 1) : top + 2, cols.min() : cols.max() + 1] = True
+    band[max(0, top - int(np.ceil(HAT_REACH * height)) - 1) : top + 2, cols.min() : cols.max() + 1] = True
     candidates = nearest[band & ~body & (nearest >= 0) & (nearest != body_index)]
     if candidates.size < 4:
         return None, np.zeros_like(body)

@@ -1,7 +1,7 @@
 """The world's scenes: the palette, the caption grammar, random and captioned scenes, and rendering.
 
-With ``open_identity`` (world v2) every object wears a hat: the top third of its bounding box
-drawn in a second palette color, never its body color, that no caption names; and a third of
+With ``open_identity`` (world v2) every object wears a hat: its top part, holding a third of its
+area, drawn in a second palette color, never its body color, that no caption names; and a third of
 the captions leave the body color out. Both stay fixed for a clip, so they are identity the
 prompt leaves open: what a long video must keep without being told (the Santa test,
 tools/santa.py). Without it (world v1, what the shipped model was trained on) scenes are those
@@ -32,7 +32,10 @@ BACKGROUNDS = {  # top and bottom color of a vertical gradient
 }
 DIRECTIONS = ("left", "right", "up", "down")
 OPEN_COLOR = 1 / 3  # fraction of captioned objects whose body color the caption leaves out
-HAT = 1 / 3  # the hat's share of the object's height, from the top
+# The hat's share of the object's height, from the top: the depth that holds a third of the shape's
+# area (a circle's segment; (1/3) ** 0.5 of a triangle, whose apex holds little), so every shape's hat
+# covers several latent cells of a small model.
+HAT_DEPTH = {"circle": 0.3675, "square": 1 / 3, "triangle": 3**-0.5}
 VOCAB = ("a", "and", "moves", "move", "on", "background", *SHAPES, *COLORS, *BACKGROUNDS, *DIRECTIONS)
 
 
@@ -173,17 +176,28 @@ def render(scene: Scene, size: int, frames: int, start: int = 0) -> np.ndarray:
     """Frames ``start .. start + frames - 1`` of ``scene``: uint8 (frames, size, size, 3)."""
     background = background_image(scene.background, size)
     video = np.repeat(background[None], frames, axis=0)
-    y, _ = _pixel_centers(size)
     for i, obj, center, mask in _drawn(scene, size, frames, start):
         video[i][mask] = COLORS[obj.color]
         if obj.hat is not None:
-            video[i][mask & (y < center[1] - obj.radius + 2 * HAT * obj.radius)] = COLORS[obj.hat]
+            video[i][_hat_part(obj, center, mask)] = COLORS[obj.hat]
     return video
 
 
-def object_mask(scene: Scene, size: int, frames: int, start: int = 0) -> np.ndarray:
-    """Where ``render`` draws an object (hat included) in frames ``start ..``: bool (frames, size, size)."""
+def _hat_part(obj: WorldObject, center: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The part of an object's ``mask`` that its hat covers."""
+    y, _ = _pixel_centers(mask.shape[0])
+    return mask & (y < center[1] - obj.radius + 2 * HAT_DEPTH[obj.shape] * obj.radius)
+
+
+def object_mask(scene: Scene, size: int, frames: int, start: int = 0, hats: bool = False) -> np.ndarray:
+    """Where ``render`` draws an object (hat included) in frames ``start ..``, or with ``hats`` only
+    where it draws a hat: bool (frames, size, size)."""
     masks = np.zeros((frames, size, size), dtype=bool)
-    for i, _, _, mask in _drawn(scene, size, frames, start):
-        masks[i] |= mask
+    for i, obj, center, mask in _drawn(scene, size, frames, start):
+        if not hats:
+            masks[i] |= mask
+            continue
+        masks[i] &= ~mask  # an object drawn later covers the hats under it
+        if obj.hat is not None:
+            masks[i] |= _hat_part(obj, center, mask)
     return masks

@@ -67,6 +67,11 @@ def test_short_clip_steps_spend_the_same_frames_on_more_scenes():
     x0_weighted, _, weights = train.batch(cfg, codec, step, train.parse_args(["--object-weight", "5"]), "cpu")
     assert torch.equal(x0_weighted, x0) and weights.min() == 1 and weights.max() == 5  # background 1, cells inside an object 5
     assert 0.05 < ((weights > 1).float().mean()) < 0.5
+    v2 = ["--open-identity", "--object-weight", "4"]
+    _, _, objects = train.batch(cfg, codec, step, train.parse_args(v2), "cpu")
+    _, _, hats = train.batch(cfg, codec, step, train.parse_args([*v2, "--hat-weight", "12"]), "cpu")
+    assert torch.all(hats >= objects) and hats.max() > objects.max()  # hat cells weigh more, no cell less
+    assert 0 < (hats > objects).float().mean() < (objects > 1).float().mean()  # the hats are part of the objects
     t = train.timesteps(cfg, step, args, 32, 1, "cpu")
     assert t.shape == (32, 1)
 

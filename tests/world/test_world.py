@@ -54,6 +54,9 @@ def test_object_mask_is_where_render_draws_the_objects():
     drawn = (world.render(scene, SIZE, 6, start=3) != world.background_image("black", SIZE)).any(-1)
     mask = world.object_mask(scene, SIZE, 6, start=3)
     assert mask.shape == (6, SIZE, SIZE) and np.array_equal(mask, drawn) and mask.any()
+    hats = world.object_mask(scene, SIZE, 6, start=3, hats=True)
+    blue = np.all(world.render(scene, SIZE, 6, start=3) == world.COLORS["blue"], axis=-1)
+    assert np.array_equal(hats, blue) and hats.any()
 
 
 @pytest.mark.parametrize("open_identity", [False, True], ids=["v1", "v2"])
@@ -89,16 +92,16 @@ def test_a_third_of_captions_leave_the_body_color_open_and_none_names_the_hat():
             assert o.hat not in words or any(p.color == o.hat and p.color_named for p in scene.objects)
 
 
-def test_hat_is_the_top_third_of_the_object_and_stays_for_the_clip():
-    obj = world.WorldObject("square", "red", 12.0, (32.0, 32.0), (1.0, 0.0), "blue")
+@pytest.mark.parametrize("shape", world.SHAPES)
+def test_hat_is_the_top_third_of_the_object_and_stays_for_the_clip(shape):
+    obj = world.WorldObject(shape, "red", 12.0, (32.0, 32.0), (1.0, 0.0), "blue")
     frames = world.render(world.Scene((obj,), "black"), SIZE, 6)
-    for i, frame in enumerate(frames):
+    for frame in frames:
         blue = np.all(frame == world.COLORS["blue"], axis=2)
         red = np.all(frame == world.COLORS["red"], axis=2)
-        rows = np.nonzero(blue.any(axis=1) | red.any(axis=1))[0]
-        hat_rows = np.nonzero(blue.any(axis=1))[0]
-        assert len(hat_rows) == round(len(rows) * world.HAT) and hat_rows.max() < np.nonzero(red.any(axis=1))[0].min()
-        assert world.read_frame(frame) == ("red", "square", "blue")
+        assert blue.sum() / (blue.sum() + red.sum()) == pytest.approx(1 / 3, abs=0.04)
+        assert np.nonzero(blue.any(axis=1))[0].max() < np.nonzero(red.any(axis=1))[0].min()
+        assert world.read_frame(frame) == ("red", shape, "blue")
 
 
 def test_scene_from_caption_leaves_an_open_color_to_the_seed():
