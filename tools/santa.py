@@ -21,7 +21,7 @@ at frames 600 and 1,200; use --frames 1800 or more) to measure identity across s
 
 ``--windows N`` checks the model first: N plain DDIM clips of one window (every frame at one
 noise level, no FIFO), the color left open. Controls that carry identity from window to window
-cannot help a model that does not keep it within one (``OUT/windows.json``).
+cannot help a model that does not keep it within one (``OUT/windows.json``, also per shape).
 
 ``--extend N`` continues N world clips (the last window of a 32-frame render, as
 ``--init-video`` does) whose body color and hat are known, the prompt leaving both open, and
@@ -139,24 +139,30 @@ def agreement(values: list) -> tuple[bool, float]:
 
 def window_check(model, cfg, seeds: int) -> dict:
     """Per open attribute: the fraction of one-window DDIM clips showing one value in every frame,
-    and the mean fraction of a clip's frames showing its most common value (unreadable frames never agree)."""
+    and the mean fraction of a clip's frames showing its most common value (unreadable frames never agree);
+    the agreements and the fraction of frames with a readable hat also per shape (``by_shape``)."""
     s = fifo_settings(cfg, model)
     unet = lambda x, t, c, attention_kwargs=None: model.unet(x, t, c, s.fps, attention_kwargs)  # noqa: E731
     uncond = model.encode_text([cfg.sampling.negative_prompt])
     h, w = cfg.video.height // model.spatial_factor, cfg.video.width // model.spatial_factor
     one, share = {"color": [], "hat": []}, {"color": [], "hat": []}
+    by_shape: dict[str, dict[str, list[float]]] = {}
     for seed in range(seeds):
         g = torch.Generator(device=model.device).manual_seed(seed)
         noise = torch.randn((1, model.unet.in_channels, s.frames, h, w), generator=g, device=model.device)
         cond = model.encode_text([prompt(seed, False)])
         clip = sample_ddim(unet, noise, cond, uncond, model.alphas, s.steps, s.guidance_scale, s.eta, g, model.scales, s.clip_x0)
         readings = [world.read_frame(f) for f in model.decode(clip, cfg.sampling.vae_batch)[0].numpy()]
+        shape = by_shape.setdefault(world.parse_caption(prompt(seed, False))[0][0][1], {"color_agreement": [], "hat_agreement": [], "hat_readable": []})
+        shape["hat_readable"].append(float(np.mean([r.hat is not None for r in readings])))
         for attr in one:
             kept, agreeing = agreement([getattr(r, attr) for r in readings])
             one[attr].append(kept)
             share[attr].append(agreeing)
+            shape[f"{attr}_agreement"].append(agreeing)
     return {"seeds": seeds, "frames": s.frames,
-            **{f"{a}_one_value": float(np.mean(one[a])) for a in one}, **{f"{a}_agreement": float(np.mean(share[a])) for a in one}}
+            **{f"{a}_one_value": float(np.mean(one[a])) for a in one}, **{f"{a}_agreement": float(np.mean(share[a])) for a in one},
+            "by_shape": {name: {k: float(np.mean(v)) for k, v in m.items()} | {"clips": len(m["hat_readable"])} for name, m in sorted(by_shape.items())}}
 
 
 def leading_run(values: list, value) -> int:
