@@ -150,16 +150,16 @@ def window_check(model, cfg, seeds: int) -> dict:
     for seed in range(seeds):
         g = torch.Generator(device=model.device).manual_seed(seed)
         noise = torch.randn((1, model.unet.in_channels, s.frames, h, w), generator=g, device=model.device)
-        cond = model.encode_text([prompt(seed, False)])
-        clip = sample_ddim(unet, noise, cond, uncond, model.alphas, s.steps, s.guidance_scale, s.eta, g, model.scales, s.clip_x0)
+        text = prompt(seed, False)
+        clip = sample_ddim(unet, noise, model.encode_text([text]), uncond, model.alphas, s.steps, s.guidance_scale, s.eta, g, model.scales, s.clip_x0)
         readings = [world.read_frame(f) for f in model.decode(clip, cfg.sampling.vae_batch)[0].numpy()]
-        shape = by_shape.setdefault(world.parse_caption(prompt(seed, False))[0][0][1], {"color_agreement": [], "hat_agreement": [], "hat_readable": []})
-        shape["hat_readable"].append(float(np.mean([r.hat is not None for r in readings])))
+        shape_stats = by_shape.setdefault(world.parse_caption(text)[0][0][1], {"color_agreement": [], "hat_agreement": [], "hat_readable": []})
+        shape_stats["hat_readable"].append(float(np.mean([r.hat is not None for r in readings])))
         for attr in one:
             kept, agreeing = agreement([getattr(r, attr) for r in readings])
             one[attr].append(kept)
             share[attr].append(agreeing)
-            shape[f"{attr}_agreement"].append(agreeing)
+            shape_stats[f"{attr}_agreement"].append(agreeing)
     return {"seeds": seeds, "frames": s.frames,
             **{f"{a}_one_value": float(np.mean(one[a])) for a in one}, **{f"{a}_agreement": float(np.mean(share[a])) for a in one},
             "by_shape": {name: {k: float(np.mean(v)) for k, v in m.items()} | {"clips": len(m["hat_readable"])} for name, m in sorted(by_shape.items())}}
