@@ -4,7 +4,8 @@ from dataclasses import fields
 
 import pytest
 
-from fifo_stream.config import CONFIG_DIR, Config, ConfigError, _rules, load_config
+from fifo_stream.config import CONFIG_DIR, ConfigError, load_config
+from fifo_stream.config.schema import Config, rules
 
 # One bad value per constrained option (and the rules that tie options together), with
 # what the one-line message must say.
@@ -65,7 +66,7 @@ def test_each_bad_value_is_refused_with_one_line(override):
 
 def test_every_rule_is_exercised():
     """Adding a constrained option means adding its bad value above."""
-    constrained = {key for key, _ in _rules(Config)}
+    constrained = {key for key, _ in rules()}
     tested = {override.split("=")[0] for override in BAD}
     assert constrained <= tested
 
