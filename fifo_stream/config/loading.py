@@ -97,8 +97,6 @@ def _merge(cfg: DictConfig, part: DictConfig) -> DictConfig:
         raise ConfigError(f"bad config value: {str(e).splitlines()[0]}") from None
 
 
-
-
 def _type_error(e: ValidationError) -> str:
     """The one-line message for a value of the wrong type, with the option's rule."""
     key = e.full_key or "?"
@@ -123,7 +121,6 @@ def _check_bools(part: DictConfig, section: type, prefix: str = "") -> None:
             _check_bools(value, kind, f"{prefix}{f.name}.")
         elif f.type == "bool" and not isinstance(value, bool):
             _fail(f"{prefix}{f.name}", value, "true or false")
-
 
 
 def _fail(key: str, value: Any, need: str) -> None:
