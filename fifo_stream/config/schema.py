@@ -61,6 +61,9 @@ class UNetConfig:
     use_checkpoint: bool = True  # upstream's gradient checkpointing flag (inference ignores it)
     temporal_conv: bool = True
     temporal_attention: bool = True
+    # fifo-stream's own, not upstream: the latent downsampling factors whose attention blocks also have
+    # temporal attention (null: all of attention_resolutions, as upstream; the middle block always has it)
+    temporal_attention_resolutions: Optional[list[int]] = None
     temporal_selfatt_only: bool = True
     use_relative_position: bool = False
     use_causal_attention: bool = False

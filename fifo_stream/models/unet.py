@@ -1,7 +1,8 @@
 """The VideoCrafter2 3D U-Net.
 
-Built from the upstream ``unet_config.params`` dict (same keys, same meaning), so
-the full-size model and small test models are one class, and its state-dict keys
+Built from the upstream ``unet_config.params`` dict (same keys, same meaning, plus
+``temporal_attention_resolutions`` to leave temporal attention out of some attention
+blocks), so the full-size model and small test models are one class, and its state-dict keys
 are the checkpoint's keys under ``model.diffusion_model.`` (including the
 upstream spelling ``temopral_conv``). Its layers are in :mod:`fifo_stream.models.unet_blocks`.
 
@@ -73,6 +74,7 @@ class _Layers:
     dropout: float
     temporal_conv: bool
     temporal_attention: bool
+    temporal_resolutions: list[int]
     num_head_channels: int
     num_heads: int
     transformer_depth: int
@@ -82,14 +84,17 @@ class _Layers:
     def res(self, ch_in: int, ch_out: int) -> ResBlock:
         return ResBlock(ch_in, self.emb_dim, ch_out, self.dropout, self.temporal_conv)
 
-    def attention(self, ch: int) -> list[nn.Module]:
-        """A spatial transformer (and a temporal one) of width ``ch``."""
+    def attention(self, ch: int, ds: int | None = None) -> list[nn.Module]:
+        """A spatial transformer of width ``ch`` and a temporal one, unless latent downsampling ``ds`` has no temporal attention.
+
+        The middle block (``ds`` None) always has both, as upstream.
+        """
         if self.num_head_channels == -1:
             heads, dim_head = self.num_heads, ch // self.num_heads
         else:
             heads, dim_head = ch // self.num_head_channels, self.num_head_channels
         layers: list[nn.Module] = [SpatialTransformer(ch, heads, dim_head, self.transformer_depth, self.context_dim, self.use_linear)]
-        if self.temporal_attention:
+        if self.temporal_attention and (ds is None or ds in self.temporal_resolutions):
             layers.append(TemporalTransformer(ch, heads, dim_head, self.transformer_depth, self.use_linear))
         return layers
 
@@ -117,6 +122,7 @@ class UNet3D(nn.Module):
         fps_cond: bool = False,
         dropout: float = 0.0,
         temporal_length: int = 16,
+        temporal_attention_resolutions: list[int] | None = None,
         **upstream_options,
     ):
         super().__init__()
@@ -128,7 +134,8 @@ class UNet3D(nn.Module):
         self.addition_attention = addition_attention
         self.gradient_checkpointing = False
         emb_dim = model_channels * 4
-        make = _Layers(emb_dim, dropout, temporal_conv, temporal_attention, num_head_channels, num_heads, transformer_depth, context_dim, use_linear)
+        temporal_resolutions = attention_resolutions if temporal_attention_resolutions is None else temporal_attention_resolutions
+        make = _Layers(emb_dim, dropout, temporal_conv, temporal_attention, temporal_resolutions, num_head_channels, num_heads, transformer_depth, context_dim, use_linear)
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if fps_cond:
             self.fps_embedding = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -156,7 +163,7 @@ class UNet3D(nn.Module):
                 layers: list[nn.Module] = [make.res(ch, mult * self.model_channels)]
                 ch = mult * self.model_channels
                 if ds in attention_resolutions:
-                    layers += make.attention(ch)
+                    layers += make.attention(ch, ds)
                 self.input_blocks.append(UNetBlock(layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -174,7 +181,7 @@ class UNet3D(nn.Module):
                 layers = [make.res(ch + skips.pop(), mult * self.model_channels)]
                 ch = mult * self.model_channels
                 if ds in attention_resolutions:
-                    layers += make.attention(ch)
+                    layers += make.attention(ch, ds)
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2

@@ -6,6 +6,7 @@ from conftest import checkpoint_key_shapes
 from synthetic import FULL_SIZE, fixture_unet
 from fifo_stream.models.checkpoint import UNET_PREFIX, extract, load_weights, read_state_dict
 from fifo_stream.models.unet import UNet3D
+from fifo_stream.models.unet_blocks import SpatialTransformer, TemporalTransformer
 
 @torch.no_grad()
 def test_matches_reference_output(tmp_path):
@@ -90,3 +91,20 @@ def test_gradient_checkpointing_gives_same_gradients(tmp_path):
         unet(x, i["timesteps"][:1], i["context"][:1], i["fps"][:1]).square().mean().backward()
         grads.append(unet.out[2].weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_temporal_attention_left_out_of_the_full_size_blocks():
+    small = dict(in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2], num_res_blocks=1, channel_mult=[1, 2],
+                 num_head_channels=8, context_dim=16, use_linear=True, temporal_conv=True, temporal_length=4)
+
+    def count(unet, cls):
+        return sum(isinstance(m, cls) for m in unet.modules())
+
+    default, fewer = UNet3D(**small), UNet3D(**small, temporal_attention_resolutions=[2])
+    assert count(default, SpatialTransformer) == count(default, TemporalTransformer) == 7  # 2 encoder, middle, 4 decoder blocks
+    # ds 1 (one encoder and two decoder blocks) loses its temporal transformers; ds 2 and the middle block keep theirs
+    assert count(fewer, SpatialTransformer) == 7 and count(fewer, TemporalTransformer) == 4
+    assert set(fewer.state_dict()) < set(default.state_dict())  # the same names: weights of the full one fit by dropping
+    with torch.no_grad():
+        out = fewer(torch.randn(1, 4, 4, 8, 8), torch.tensor([500]), torch.randn(1, 3, 16))
+    assert out.shape == (1, 4, 4, 8, 8) and torch.isfinite(out).all()
