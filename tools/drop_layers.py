@@ -23,23 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fifo_stream.config import load_config  # noqa: E402
 from fifo_stream.errors import FifoStreamError  # noqa: E402
-from fifo_stream.models.checkpoint import UNET_PREFIX, read_metadata, read_state_dict, save_safetensors  # noqa: E402
+from fifo_stream.models.checkpoint import UNET_PREFIX, differences, extract, read_metadata, read_state_dict, save_safetensors  # noqa: E402
 from fifo_stream.models.unet import UNet3D  # noqa: E402
 
 
 def drop_layers(state: dict[str, torch.Tensor], unet: UNet3D) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``state`` without the U-Net weights ``unet`` lacks, and the names of those dropped."""
-    own = unet.state_dict()
-    missing = [k for k in own if UNET_PREFIX + k not in state]
-    mismatched = [k for k in own if UNET_PREFIX + k in state and state[UNET_PREFIX + k].shape != own[k].shape]
+    """``state`` without the U-Net weights ``unet`` lacks, and their names (without the U-Net prefix)."""
+    missing, dropped, mismatched = differences(unet.state_dict(), extract(state, UNET_PREFIX))
     if missing or mismatched:
-        bad = (missing or mismatched)[0]
         raise FifoStreamError(
             f"the new U-Net is not a subset of the old one: {len(missing)} weights missing, {len(mismatched)} of another shape "
-            f"(first: {bad}); only dropping layers is supported"
+            f"(first: {(missing or mismatched)[0]}); only dropping layers is supported"
         )
-    dropped = [k for k in state if k.startswith(UNET_PREFIX) and k[len(UNET_PREFIX):] not in own]
-    return {k: v for k, v in state.items() if k not in dropped}, dropped
+    gone = {UNET_PREFIX + k for k in dropped}
+    return {k: v for k, v in state.items() if k not in gone}, dropped
 
 
 def layer_of(key: str) -> str:
@@ -63,7 +60,7 @@ def main(argv=None) -> None:
     except FifoStreamError as e:
         raise SystemExit(f"error: {e}") from None
     save_safetensors(state, args.new, metadata=read_metadata(args.old))
-    layers = sorted({layer_of(k[len(UNET_PREFIX):]) for k in dropped})
+    layers = sorted({layer_of(k) for k in dropped})
     print(f"kept {sum(k.startswith(UNET_PREFIX) for k in state)} U-Net weights, dropped {len(dropped)} "
           f"({len(layers)} layers: {', '.join(layers)}); wrote {args.new}")
 

@@ -135,6 +135,19 @@ def extract(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, to
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+def differences(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """How ``state_dict`` fails to fit a module's ``own`` state: keys missing, keys unexpected, and
+    shape mismatches (``"key (stored shape) vs (own shape)"``)."""
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
+    return missing, unexpected, mismatched
+
+
 def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, strict: bool = True) -> None:
     """Copy ``state_dict`` into ``module`` (cast to the module's dtypes).
 
@@ -144,13 +157,7 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what
     key raises a one-line :class:`CheckpointError` with counts and the first few offenders.
     """
     own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and state_dict[k].shape != own[k].shape
-    ]
+    missing, unexpected, mismatched = differences(own, state_dict)
     if strict and (missing or unexpected or mismatched):
         parts = []
         for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)):

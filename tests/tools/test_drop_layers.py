@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import drop_layers  # noqa: E402
 
 from fifo_stream.config import load_config  # noqa: E402
-from fifo_stream.models.checkpoint import UNET_PREFIX, VAE_PREFIX, load_weights, read_metadata, read_state_dict, save_safetensors  # noqa: E402
+from fifo_stream.models.checkpoint import UNET_PREFIX, VAE_PREFIX, extract, load_weights, read_metadata, read_state_dict, save_safetensors  # noqa: E402
 from fifo_stream.models.unet import UNet3D  # noqa: E402
 
 FEWER = ["model.unet.addition_attention=false", "model.unet.attention_resolutions=[]"]
@@ -33,7 +33,7 @@ def test_the_pruned_file_loads_strictly_into_the_smaller_unet_with_the_old_weigh
 
     new_state = read_state_dict(tmp_path / "new.safetensors")
     smaller = unet_of(FEWER)
-    load_weights(smaller, {k[len(UNET_PREFIX):]: v for k, v in new_state.items() if k.startswith(UNET_PREFIX)}, "U-Net")  # strict
+    load_weights(smaller, extract(new_state, UNET_PREFIX), "U-Net")  # strict
     kept = smaller.state_dict()
     assert len(kept) < len(old.state_dict())  # init_attn and the attention layers went
     assert all(torch.equal(v, old.state_dict()[k]) for k, v in kept.items())
