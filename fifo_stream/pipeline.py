@@ -191,21 +191,18 @@ class FrameStream:
             reference = self.model.encode(self.reference_image[None])  # (1, c, 1, h, w)
         if reference is not None and self.refbank is not None:
             self._record_reference(reference)
-        if anchor_takes and reference is not None:
-            anchor.take_reference(reference[:, :, 0])
-        agree = anchor.agree if anchor is not None and self.cfg.consistency.anchor.base_clip else None
         x0, strength = None, 1.0
         if self.start_clip is not None:  # an image is repeated over the window; a video's f frames are the window
             x0 = self.model.encode(self.start_clip.frames).expand(-1, -1, self.settings.frames, -1, -1).contiguous()
             strength = self.start_clip.strength
         clip = sample_ddim(
             self._unet, noise, self.cond, self.uncond, self.model.alphas, self.settings.steps,
-            self.settings.guidance_scale, self.settings.eta, g, self.model.scales, self.settings.clip_x0, x0, strength, self.shared_noise, agree,
+            self.settings.guidance_scale, self.settings.eta, g, self.model.scales, self.settings.clip_x0, x0, strength, self.shared_noise,
         )
         continues = self.start_clip is not None and self.start_clip.continues
         clip = distributed.broadcast_(clip)  # rank 0's clip: identical queues on every rank
-        if anchor_takes and reference is None:
-            anchor.take_reference(clip[0].transpose(0, 1))
+        if anchor_takes:
+            anchor.take_reference(reference[:, :, 0] if reference is not None else clip[0].transpose(0, 1))
         self.engine.start_from_clip(clip, continues)
 
     def _record_reference(self, z: torch.Tensor) -> None:

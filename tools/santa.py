@@ -84,8 +84,6 @@ SETTINGS = {
     "anchor-top-half": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.min_level=8"],
     "anchor-start": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.reference=start"],
     "anchor-start-3-bands": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.reference=start", "consistency.anchor.bands=3"],
-    "anchor-agree": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.base_clip=true"],
-    "anchor-start-agree": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.reference=start", "consistency.anchor.base_clip=true"],
     "recommended": [],
 }
 SCENE_CHANGES = (600, 1200)

@@ -220,9 +220,6 @@ class AnchorConfig:
     bands: int = option(2, POSITIVE)  # horizontal bands of the subject whose colors are kept apart (e.g. a hat and a body)
     # the emitted frame number of the reference frame; start: the medoid frame of the clip the queue starts from; or an image's path
     reference: Any = option(0, Rule(_frame_or_path, "an emitted frame number >= 0, start or an image path"))
-    # also correct the base clip while it is sampled: toward the reference image, or (no reference yet) toward the
-    # clip's own medoid frame, so the video starts from one subject instead of frames that disagree
-    base_clip: bool = False
 
 
 @dataclass

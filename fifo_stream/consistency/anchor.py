@@ -13,10 +13,6 @@ per-channel spatial median, as clamp(2 d / max(d) - 0.5, 0, 1) (as Ouroboros' su
 attention restricts itself to the subject). Only the subject's colors are moved, not its place,
 so the video keeps moving. The DDIM step then re-derives its noise estimate from the corrected
 x0 (:func:`~fifo_stream.sampling.ddim.ddim_step`'s ``correct_x0``).
-
-With ``consistency.anchor.base_clip`` it also acts while the base clip is sampled (:meth:`SubjectAnchor.agree`):
-toward the reference image when there is one, otherwise toward the clip's own medoid frame at each
-step, so that the video starts from one subject rather than from frames that disagree.
 """
 
 from __future__ import annotations
@@ -51,12 +47,6 @@ def band_means(z: torch.Tensor, mask: torch.Tensor, bands: int) -> tuple[torch.T
     return torch.stack(means, 1), torch.stack(masks, 1)
 
 
-def medoid(means: torch.Tensor) -> torch.Tensor:
-    """Index of the frame whose band means (n, B, c) are closest to all the others'."""
-    flat = means.flatten(1)
-    return torch.cdist(flat, flat).sum(1).argmin()
-
-
 class SubjectAnchor:
     """Records the reference subject colors and moves each corrected frame's toward them.
 
@@ -78,32 +68,19 @@ class SubjectAnchor:
         """Take the reference from clean latent frames ``z`` (n, c, h, w): the band means of their medoid
         frame (the one closest to the others), so one odd frame does not decide the colors."""
         means = band_means(z, subject_mask(z), self.bands)[0]  # (n, B, c)
-        self.reference = means[medoid(means)][None].clone()
-
-    def _moved(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Frames ``z`` (n, c, h, w) with their subject's band means moved toward ``target`` (1, B, c)."""
-        means, masks = band_means(z, subject_mask(z), self.bands)
-        return z + self.strength * (masks * (target.to(z) - means)[..., None, None]).sum(1)
-
-    def agree(self, x0: torch.Tensor, level: int) -> torch.Tensor:
-        """The base clip's predicted clean latents ``x0`` (1, c, f, h, w) at noise level ``level``
-        moved toward the reference, or without one (yet) toward the medoid frame of their own band means."""
-        if level < self.min_level:
-            return x0
-        z = x0[0].transpose(0, 1)  # (f, c, h, w)
-        target = self.reference
-        if target is None:
-            means = band_means(z, subject_mask(z), self.bands)[0]
-            target = means[medoid(means)][None]
-        return self._moved(z, target).transpose(0, 1)[None]
+        flat = means.flatten(1)
+        self.reference = means[torch.cdist(flat, flat).sum(1).argmin()][None].clone()
 
     def correct(self, x0: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """``x0`` (1, c, F, h, w) of frames at ``levels`` (F,), the chosen ones moved to the reference."""
         chosen = (levels.to(x0.device) >= self.min_level).nonzero().flatten()
         if self.reference is None or len(chosen) == 0:
             return x0
+        z = x0[0, :, chosen].transpose(0, 1)  # (n, c, h, w)
+        means, masks = band_means(z, subject_mask(z), self.bands)
+        shift = (masks * (self.reference.to(z) - means)[..., None, None]).sum(1)
         out = x0.clone()
-        out[0, :, chosen] = self._moved(x0[0, :, chosen].transpose(0, 1), self.reference).transpose(0, 1)
+        out[0, :, chosen] = (z + self.strength * shift).transpose(0, 1)
         return out
 
     def state_dict(self) -> dict:

@@ -58,23 +58,6 @@ def test_given_reference_frames_give_their_medoids_colors_not_an_odd_frames():
     assert torch.allclose(anchor.reference[0, 0], torch.tensor(GREEN)) and torch.allclose(anchor.reference[0, 1], torch.tensor(RED))
 
 
-@pytest.mark.parametrize("given", [False, True])
-def test_the_base_clip_agrees_on_its_medoids_colors_or_takes_the_references(given):
-    """Without a reference every frame takes the medoid frame's band colors (not the odd frame's); with one, the
-    reference's; below min_level nothing moves."""
-    frames = torch.cat([scene(BLUE, YELLOW, top=1, left=1)] + [scene(RED, GREEN, top=1 + i % 2, left=1 + i) for i in range(4)])
-    x0 = frames.transpose(0, 1)[None]  # (1, 4, 5 frames, 8, 8)
-    anchor = SubjectAnchor(1.0, min_level=2, bands=3, reference_tick=None)
-    if given:
-        anchor.take_reference(scene(BLUE, YELLOW, top=4, left=4))
-    out = anchor.agree(x0, level=2)[0].transpose(0, 1)
-    means = band_means(out, subject_mask(out), 3)[0]
-    want = torch.tensor(YELLOW if given else GREEN), torch.tensor(BLUE if given else RED)
-    assert torch.allclose(means[:, 0], want[0].expand(5, -1), atol=1e-5) and torch.allclose(means[:, 2], want[1].expand(5, -1), atol=1e-5)
-    assert torch.equal(out[:, :, 0, 0], frames[:, :, 0, 0])  # the background stays
-    assert anchor.agree(x0, level=1) is x0
-
-
 def test_without_a_reference_nothing_changes():
     x0 = torch.randn(1, 4, 3, 8, 8)
     assert SubjectAnchor(1.0, 0, 2, 5).correct(x0, torch.tensor([0, 5, 9])) is x0
@@ -103,16 +86,6 @@ def test_a_start_reference_acts_from_the_first_frame_and_resumes_exactly(tmp_pat
     assert all(np.array_equal(x, y) for x, y in zip(straight, resumed))
     plain = FrameStream(model, load_config("tiny-random"), "a blue square", seed=3)
     assert not np.array_equal(next(plain), straight[0])  # corrected since the queue started: frame 0 too
-
-
-def test_an_agreed_base_clip_changes_the_start_and_resumes_exactly(tmp_path):
-    overrides = ["consistency.anchor.enabled=true", "consistency.anchor.reference=start"]
-    cfg = load_config("tiny-random", [*overrides, "consistency.anchor.base_clip=true"])
-    model = load_model(cfg)
-    straight, resumed = straight_and_resumed(model, cfg, "a blue square", 3, split=2, total=4, tmp_path=tmp_path)
-    assert all(np.array_equal(x, y) for x, y in zip(straight, resumed))
-    without = FrameStream(model, load_config("tiny-random", overrides), "a blue square", seed=3)
-    assert not np.array_equal(next(without), straight[0])
 
 
 def test_a_reference_image_gives_the_anchor_its_colors_and_must_be_passed(tiny):
