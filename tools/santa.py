@@ -27,6 +27,9 @@ cannot help a model that does not keep it within one (``OUT/windows.json``, also
 ``--init-video`` does) whose body color and hat are known, the prompt leaving both open, and
 counts the new frames that keep them: from the first new frame, and in all (``OUT/extend.json``).
 
+``--prompt TEXT`` gives every seed that prompt instead of its own (the scene of #20's reference-image
+test: ``--prompt "a circle moves right on a black background" --reference yellow,red``).
+
 ``--reference BODY,HAT`` gives every cell a reference image: the seed's scene rendered with that
 body and hat color, the reference of every enabled control (``reference_image``); each cell then
 also reports ``reference_match``, the fraction of frames showing that body and that hat.
@@ -101,9 +104,9 @@ def prompt(seed: int, storyboard: bool) -> str | list[str]:
     return [scenes[0], *(f"{frame}: {text}" for frame, text in zip(SCENE_CHANGES, scenes[1:]))]
 
 
-def reference_image(seed: int, colors: tuple[str, str], size: int) -> np.ndarray:
-    """The seed's scene, its object drawn with body and hat ``colors``: one frame (size, size, 3)."""
-    scene = world.scene_from_caption(prompt(seed, False), size, seed, open_identity=True)
+def reference_image(text: str, seed: int, colors: tuple[str, str], size: int) -> np.ndarray:
+    """The seed's scene of caption ``text``, its object drawn with body and hat ``colors``: one frame (size, size, 3)."""
+    scene = world.scene_from_caption(text, size, seed, open_identity=True)
     obj = dataclasses.replace(scene.objects[0], color=colors[0], hat=colors[1])
     return world.render(dataclasses.replace(scene, objects=(obj,)), size, 1)[0]
 
@@ -112,7 +115,7 @@ def run_cell(model, cfg, text: str | list[str], frames: int, seed: int, referenc
     """Generate one video and score it (per-frame readings kept for the plot); with ``reference``
     (body, hat) the controls hold a rendered reference image and the report says how many frames show it."""
     story = Storyboard.parse([text] if isinstance(text, str) else text, cfg.storyboard.transition)
-    image = reference_image(seed, reference, cfg.video.height) if reference else None
+    image = reference_image(story.prompts[0], seed, reference, cfg.video.height) if reference else None
     start = time.perf_counter()
     stream = FrameStream(model, cfg, story, seed, reference_image=image)
     try:
@@ -260,6 +263,7 @@ def main(argv=None) -> None:
     p.add_argument("--frames", type=int, default=2000)
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}")
     p.add_argument("--storyboard", action="store_true", help="three scenes, changing at frames 600 and 1,200")
+    p.add_argument("--prompt", default=None, help="one single-object prompt for every seed instead of each seed's own (see above)")
     p.add_argument("--config", default="tiny")
     p.add_argument("--ckpt", default=None, help="model weights (default: the config's); hats need a world v2 model")
     p.add_argument("--windows", type=int, default=0, metavar="N", help="only check N one-window clips (see above)")
@@ -272,6 +276,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
     if args.storyboard and args.frames <= SCENE_CHANGES[-1]:
         raise SystemExit(f"error: --storyboard needs --frames above {SCENE_CHANGES[-1]} (its last scene starts there)")
+    if args.prompt is not None and (args.storyboard or len(world.parse_caption(args.prompt)[0]) != 1):
+        raise SystemExit("error: --prompt takes one caption of one object, e.g. 'a circle moves right on a black background', and no --storyboard")
     reference = tuple(args.reference.split(",")) if args.reference else None
     if reference and (len(reference) != 2 or reference[0] == reference[1] or not set(reference) <= set(world.COLORS)):
         raise SystemExit(f"error: --reference takes two different colors BODY,HAT of: {', '.join(world.COLORS)}")
@@ -295,7 +301,7 @@ def main(argv=None) -> None:
             path = out / "cells" / f"{name}-{seed}.json"
             if not path.exists():
                 cfg = load_config(args.config, SETTINGS[name])
-                report = run_cell(model, cfg, prompt(seed, args.storyboard), args.frames, seed, reference)
+                report = run_cell(model, cfg, args.prompt or prompt(seed, args.storyboard), args.frames, seed, reference)
                 atomic_write(path, (json.dumps(report) + "\n").encode())
                 print(json.dumps({"setting": name, "seed": seed, **{a: m["retention"] for a, m in report["open"].items()}}), flush=True)
             cells.setdefault(name, []).append(json.loads(path.read_text()))

@@ -62,7 +62,7 @@ def test_a_small_grid_writes_its_cells_and_resumes(tmp_path, capsys):
 
 
 def test_a_reference_image_is_the_seeds_scene_in_the_given_colors_and_cells_report_the_match(tmp_path):
-    image = santa.reference_image(2, ("yellow", "red"), 64)
+    image = santa.reference_image(santa.prompt(2, False), 2, ("yellow", "red"), 64)
     assert tuple(world.read_frame(image)) == ("yellow", world.parse_caption(santa.prompt(2, False))[0][0][1], "red")
     out = tmp_path / "ref"
     santa.main(["--out", str(out), "--seeds", "1", "--frames", "4", "--config", "tiny-random", "--settings", "anchor", "--reference", "yellow,red"])
@@ -72,6 +72,16 @@ def test_a_reference_image_is_the_seeds_scene_in_the_given_colors_and_cells_repo
     assert "frames showing the reference's body and hat" in (out / "results.md").read_text()
     with pytest.raises(SystemExit, match="two different colors"):
         santa.main(["--out", str(out), "--reference", "yellow,yellow"])
+
+
+def test_a_given_prompt_replaces_each_seeds_own(tmp_path):
+    text = "a circle moves right on a black background"
+    out = tmp_path / "given"
+    santa.main(["--out", str(out), "--seeds", "2", "--frames", "2", "--config", "tiny-random", "--settings", "plain", "--prompt", text])
+    assert {json.loads((out / "cells" / f"plain-{s}.json").read_text())["prompt"] for s in (0, 1)} == {text}
+    for bad in (["--prompt", "a red circle and a blue square move on a black background"], ["--prompt", text, "--storyboard", "--frames", "1300"]):
+        with pytest.raises(SystemExit, match="one caption of one object"):
+            santa.main(["--out", str(out), *bad])
 
 
 def test_window_agreement_and_check(tmp_path):
