@@ -34,7 +34,9 @@ test: ``--prompt "a circle moves right on a black background" --reference yellow
 body and hat color, the reference of every enabled control (``reference_image``); each cell then
 also reports ``reference_match``, the fraction of frames showing that body and that hat.
 
-Resumable: each finished cell is written to ``OUT/cells/`` and skipped on the next run. The
+Resumable: each finished cell is written to ``OUT/cells/`` and skipped on the next run; what the
+cells depend on (config, weights, frames, prompt, storyboard, reference) is kept in ``OUT/run.json``,
+and a rerun into the same OUT with other values is refused, so cells of two runs never mix. The
 summary is ``OUT/results.json``, ``OUT/results.md`` (a Markdown table) and ``OUT/results.png``
 (per setting, the fraction of seeds whose hat is still frame 0's, over time).
 """
@@ -59,6 +61,7 @@ from fifo_stream import world  # noqa: E402
 from fifo_stream.config import load_config  # noqa: E402
 from fifo_stream.consistency.storyboard import Storyboard  # noqa: E402
 from fifo_stream.durable import atomic_write  # noqa: E402
+from fifo_stream.errors import FifoStreamError  # noqa: E402
 from fifo_stream.inputs.fit import fit_frame  # noqa: E402
 from fifo_stream.models.loading import load_model  # noqa: E402
 from fifo_stream.pipeline import FrameStream, StartClip, fifo_settings  # noqa: E402
@@ -256,6 +259,18 @@ def plot(cells: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def check_same_run(path: Path, options: dict) -> None:
+    """Record the options the cells depend on in ``path``; refuse (one line) if it holds others."""
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = [k for k in sorted(set(before) | set(options)) if before.get(k) != options.get(k)]
+        if changed:
+            was = ", ".join(f"--{k} {before.get(k)!r}" for k in changed)
+            raise SystemExit(f"error: {path.parent} holds cells made with {was}; rerun with those options or choose another --out")
+    else:
+        atomic_write(path, (json.dumps(options) + "\n").encode())
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/santa")
@@ -284,6 +299,11 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(load_config(args.config), args.ckpt)  # the settings change sampling and consistency, not the model
+    if args.prompt is not None:
+        try:
+            model.text_encoder.tokenizer([args.prompt])  # unknown words, before any cell runs
+        except FifoStreamError as e:
+            raise SystemExit(f"error: --prompt: {e}") from None
     if args.windows:
         report = window_check(model, load_config(args.config), args.windows)
         atomic_write(out / "windows.json", (json.dumps(report) + "\n").encode())
@@ -294,6 +314,10 @@ def main(argv=None) -> None:
         atomic_write(out / "extend.json", (json.dumps(report) + "\n").encode())
         print(json.dumps(report))
         return
+    check_same_run(out / "run.json", {
+        "config": args.config, "ckpt": args.ckpt, "frames": args.frames, "prompt": args.prompt,
+        "storyboard": args.storyboard, "reference": args.reference,
+    })
     (out / "cells").mkdir(exist_ok=True)
     cells: dict[str, list[dict]] = {}
     for seed in range(args.seeds):  # seeds outermost: an interrupted grid has every setting on the first seeds

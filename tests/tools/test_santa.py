@@ -105,3 +105,21 @@ def test_extend_counts_the_new_frames_that_keep_the_clip_identity(tmp_path):
     for r in report.values():
         assert r["seeds"] == 2 and r["frames"] == 3 and len(r["color_kept_frames"]) == 2 and len(r["hat_kept_frames"]) == 2
         assert all(0 <= k <= 3 for k in r["color_kept_frames"] + r["hat_kept_frames"]) and 0 <= r["hat_retention"] <= 1
+
+
+def test_a_rerun_with_other_options_is_refused_and_unknown_prompt_words_before_any_cell(tmp_path):
+    out = tmp_path / "grid"
+    base = ["--out", str(out), "--seeds", "1", "--config", "tiny-random", "--settings", "plain"]
+    santa.main([*base, "--frames", "2"])
+    with pytest.raises(SystemExit, match=r"made with --prompt None; .* another --out"):
+        santa.main([*base, "--frames", "2", "--prompt", "a circle moves right on a black background"])
+    with pytest.raises(SystemExit, match="made with --frames 2;"):
+        santa.main([*base, "--frames", "3"])
+    assert [p.name for p in (out / "cells").iterdir()] == ["plain-0.json"]
+    santa.main([*base, "--frames", "2", "--seeds", "2"])  # the same run, more seeds: resumes
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["plain-0.json", "plain-1.json"]
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit, match="--prompt: .*'zebra'"):
+        # the embedded model (a word vocabulary; tiny-random's BPE takes any word): refused at load, before any cell
+        santa.main(["--out", str(fresh), "--seeds", "1", "--frames", "2", "--settings", "plain", "--prompt", "a circle moves right on a zebra background"])
+    assert not (fresh / "cells").exists()
