@@ -243,6 +243,7 @@ class RuntimeConfig:
     cuda_graphs: bool = False  # with compile on CUDA: replay the tick's U-Net as CUDA graphs
     channels_last: bool = False  # NHWC weights for the U-Net's 2-D convolutions
     overlap_decode: Any = option("auto", Rule(lambda v: type(v) is bool or v == "auto", "true, false or auto"))  # decode frame k on a background thread while tick k+1 runs (auto: on CUDA only; on a CPU the thread would stall the tick's threads)
+    keep_freed_memory: bool = True  # on a CPU (glibc): malloc keeps freed memory for the next tick instead of unmapping it, so each tick's large tensors are not page-faulted in anew (process-wide)
 
 
 @dataclass

@@ -1,8 +1,13 @@
 """Fast-path options: they change how the tick runs, not what it computes (beyond a stated rounding)."""
 
 
+import subprocess
+import sys
+
 import pytest
 import torch
+
+from conftest import ROOT
 
 from fifo_stream.config import ConfigError, load_config
 from fifo_stream.errors import FifoStreamError
@@ -92,6 +97,33 @@ def test_decode_overlaps_the_tick_on_cuda_only_unless_told():
                 decoder.close()
     finally:
         stream.close()
+
+
+FAULTS = """
+import resource, sys
+from fifo_stream.config import load_config
+from fifo_stream.models.loading import load_model
+from fifo_stream.pipeline import FrameStream
+cfg = load_config("bench-anchor", ["runtime.keep_freed_memory=" + sys.argv[1], "sampling.discard_warmup=false"])
+stream = FrameStream(load_model(cfg), cfg, "a red circle", seed=0)
+for _ in range(3):
+    stream.decode(stream.next_latent())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    stream.decode(stream.next_latent())
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_memory_is_kept_so_steady_ticks_do_not_page_fault():
+    def faults(keep):
+        run = subprocess.run([sys.executable, "-c", FAULTS, keep], capture_output=True, text=True, check=True, cwd=ROOT)
+        return int(run.stdout.split()[-1])
+
+    kept, default = faults("true"), faults("false")
+    # glibc's default maps and unmaps each large activation: thousands of faults per tick (about 40,000 measured)
+    assert default > 5000 and kept < default / 20, (kept, default)
 
 
 @pytest.mark.gpu
