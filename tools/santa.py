@@ -35,7 +35,7 @@ body and hat color, the reference of every enabled control (``reference_image``)
 also reports ``reference_match``, the fraction of frames showing that body and that hat.
 
 Resumable: each finished cell is written to ``OUT/cells/`` and skipped on the next run; what the
-cells depend on (config, weights, frames, prompt, storyboard, reference) is kept in ``OUT/run.json``,
+cells depend on (config, weights and their SHA-256, frames, prompt, storyboard, reference) is kept in ``OUT/run.json``,
 and a rerun into the same OUT with other values is refused, so cells of two runs never mix. The
 summary is ``OUT/results.json``, ``OUT/results.md`` (a Markdown table) and ``OUT/results.png``
 (per setting, the fraction of seeds whose hat is still frame 0's, over time).
@@ -63,6 +63,7 @@ from fifo_stream.consistency.storyboard import Storyboard  # noqa: E402
 from fifo_stream.durable import atomic_write  # noqa: E402
 from fifo_stream.errors import FifoStreamError  # noqa: E402
 from fifo_stream.inputs.fit import fit_frame  # noqa: E402
+from fifo_stream.inputs.record import describe_input  # noqa: E402
 from fifo_stream.models.loading import load_model  # noqa: E402
 from fifo_stream.pipeline import FrameStream, StartClip, fifo_settings  # noqa: E402
 from fifo_stream.sampling.ddim import sample_ddim  # noqa: E402
@@ -265,7 +266,7 @@ def check_same_run(path: Path, options: dict) -> None:
         before = json.loads(path.read_text())
         changed = [k for k in sorted(set(before) | set(options)) if before.get(k) != options.get(k)]
         if changed:
-            was = ", ".join(f"--{k} {before.get(k)!r}" for k in changed)
+            was = ", ".join(f"{k}={before.get(k)!r}" for k in changed)
             raise SystemExit(f"error: {path.parent} holds cells made with {was}; rerun with those options or choose another --out")
     else:
         atomic_write(path, (json.dumps(options) + "\n").encode())
@@ -315,8 +316,8 @@ def main(argv=None) -> None:
         print(json.dumps(report))
         return
     check_same_run(out / "run.json", {
-        "config": args.config, "ckpt": args.ckpt, "frames": args.frames, "prompt": args.prompt,
-        "storyboard": args.storyboard, "reference": args.reference,
+        "config": args.config, "ckpt": args.ckpt, "ckpt_sha256": describe_input(args.ckpt)["sha256"] if args.ckpt else None,
+        "frames": args.frames, "prompt": args.prompt, "storyboard": args.storyboard, "reference": args.reference,
     })
     (out / "cells").mkdir(exist_ok=True)
     cells: dict[str, list[dict]] = {}

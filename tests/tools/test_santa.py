@@ -111,9 +111,9 @@ def test_a_rerun_with_other_options_is_refused_and_unknown_prompt_words_before_a
     out = tmp_path / "grid"
     base = ["--out", str(out), "--seeds", "1", "--config", "tiny-random", "--settings", "plain"]
     santa.main([*base, "--frames", "2"])
-    with pytest.raises(SystemExit, match=r"made with --prompt None; .* another --out"):
+    with pytest.raises(SystemExit, match=r"made with prompt=None; .* another --out"):
         santa.main([*base, "--frames", "2", "--prompt", "a circle moves right on a black background"])
-    with pytest.raises(SystemExit, match="made with --frames 2;"):
+    with pytest.raises(SystemExit, match="made with frames=2;"):
         santa.main([*base, "--frames", "3"])
     assert [p.name for p in (out / "cells").iterdir()] == ["plain-0.json"]
     santa.main([*base, "--frames", "2", "--seeds", "2"])  # the same run, more seeds: resumes
