@@ -26,6 +26,7 @@ import copy
 import io
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--v-weight-cap", type=float, default=1.0, help="weight each frame's eps loss by min(1 / alpha_bar_t, CAP), v-prediction's weighting capped (1: the plain eps loss)")
     p.add_argument("--offset-noise", type=float, default=0.3, help="weight of a per-clip constant, one per color (pixel_shuffle) or latent channel, added to the noise")
     p.add_argument("--coarse-noise", type=float, default=0.2, help="weight of a per-clip 4x4 noise field, upsampled, added to the noise")
+    p.add_argument("--train-only", default=None, metavar="REGEX", help="fine-tune: train only the parameters whose names (unet.*, text.*) match this regex; the rest stay frozen")
     p.add_argument("--init", default=None, help="fine-tune: start the U-Net, text encoder and VAE from these exported weights (a .safetensors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
@@ -255,7 +257,12 @@ def main(argv=None) -> None:
     else:
         codec = build_vae(OmegaConf.to_container(cfg.model.vae)).to(device)
     shared = codec.factor**2 if isinstance(codec, PixelShuffleCodec) else 1
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    trained = [p for name, p in model.named_parameters() if args.train_only is None or re.search(args.train_only, name)]
+    if not trained:
+        raise SystemExit(f"--train-only {args.train_only!r} matches no parameter; names look like {next(iter(dict(model.named_parameters())))}")
+    for p in set(model.parameters()) - set(trained):
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01)
     alphas = alphas_cumprod(cfg.model.schedule.num_train_timesteps, cfg.model.schedule.linear_start, cfg.model.schedule.linear_end)
     alphas = alphas.float().to(device)
 
@@ -269,7 +276,7 @@ def main(argv=None) -> None:
         step, smooth = st["step"], st["smooth"]
         print(f"resumed from {state_path} at step {step}", flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}", flush=True)
+    print(f"training {sum(p.numel() for p in trained) / 1e6:.2f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}", flush=True)
 
     t0 = time.time()
     while step < args.steps:

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import train  # noqa: E402
 import train_vae  # noqa: E402
 
-from fifo_stream.models.checkpoint import VAE_PREFIX  # noqa: E402
+from fifo_stream.models.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX  # noqa: E402
 from fifo_stream.config import load_config  # noqa: E402
 from fifo_stream.models.loading import load_model  # noqa: E402
 
@@ -119,3 +119,20 @@ def test_an_interrupted_first_stage_resumes_to_the_same_weights(tmp_path):
     resumed = run("resumed.pt", 3)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert not torch.equal(straight["encoder.conv_in.weight"], run("short.pt", 1)["encoder.conv_in.weight"])  # it trains
+
+
+def test_train_only_trains_the_matching_parameters_and_freezes_the_rest(tmp_path):
+    init = Path(train.__file__).resolve().parents[1] / "fifo_stream" / "assets" / "tiny-shapes.safetensors"
+
+    def run(pattern, name):
+        train.main(["--init", str(init), "--train-only", pattern, "--steps", "1", "--batch", "1", "--vae-steps", "0",
+                    "--vae-state", str(tmp_path / name / "vae.pt"), "--state", str(tmp_path / name / "state.pt"),
+                    "--log", str(tmp_path / name / "log.jsonl"), "--out", str(tmp_path / name / "model.safetensors")])
+        return load_file(tmp_path / name / "model.safetensors")
+
+    before, after = load_file(init), run(r"^text\.", "text")
+    unet = [k for k in before if k.startswith(UNET_PREFIX)]
+    assert unet and all(torch.equal(before[k], after[k]) for k in unet)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(TEXT_PREFIX))
+    with pytest.raises(SystemExit, match="--train-only 'no-such-layer' matches no parameter"):
+        run("no-such-layer", "none")
