@@ -235,6 +235,20 @@ def export(path: Path, ema: dict, codec, cfg, step: int, loss: float) -> None:
     save_safetensors(state, path, torch.float16, meta)
 
 
+def trainable(model: torch.nn.Module, pattern: str | None) -> list[torch.nn.Parameter]:
+    """The parameters whose names match ``pattern`` (all when None); the others are frozen."""
+    try:
+        wanted = re.compile(pattern or "")
+    except re.error as e:
+        raise SystemExit(f"--train-only {pattern!r} is not a regular expression ({e})") from None
+    trained = [p for name, p in model.named_parameters() if wanted.search(name)]
+    if not trained:
+        raise SystemExit(f"--train-only {pattern!r} matches no parameter; names look like {next(model.named_parameters())[0]}")
+    for p in set(model.parameters()) - set(trained):
+        p.requires_grad_(False)
+    return trained
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -251,17 +265,13 @@ def main(argv=None) -> None:
         unet.load_state_dict(init.unet.state_dict())
         text.tower.load_state_dict(init.text_encoder.tower.state_dict())
     model = torch.nn.ModuleDict({"unet": unet, "text": text}).to(device).train()
+    trained = trainable(model, args.train_only)  # checked before the first stage trains or writes anything
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.model.vae.type == "autoencoder_kl":
         codec = train_vae(cfg, args, device, init.vae if init else None)
     else:
         codec = build_vae(OmegaConf.to_container(cfg.model.vae)).to(device)
     shared = codec.factor**2 if isinstance(codec, PixelShuffleCodec) else 1
-    trained = [p for name, p in model.named_parameters() if args.train_only is None or re.search(args.train_only, name)]
-    if not trained:
-        raise SystemExit(f"--train-only {args.train_only!r} matches no parameter; names look like {next(iter(dict(model.named_parameters())))}")
-    for p in set(model.parameters()) - set(trained):
-        p.requires_grad_(False)
     opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01)
     alphas = alphas_cumprod(cfg.model.schedule.num_train_timesteps, cfg.model.schedule.linear_start, cfg.model.schedule.linear_end)
     alphas = alphas.float().to(device)

@@ -136,3 +136,6 @@ def test_train_only_trains_the_matching_parameters_and_freezes_the_rest(tmp_path
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(TEXT_PREFIX))
     with pytest.raises(SystemExit, match="--train-only 'no-such-layer' matches no parameter"):
         run("no-such-layer", "none")
+    with pytest.raises(SystemExit, match="--train-only '\\(' is not a regular expression"):
+        run("(", "bad")
+    assert not (tmp_path / "none").exists() and not (tmp_path / "bad").exists()  # refused before anything is written
