@@ -290,6 +290,11 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         raise SystemExit(f"error: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
+    if args.windows or args.extend:
+        ignored = [flag for flag, given in (("--extend", args.windows and args.extend), ("--prompt", args.prompt is not None),
+                                             ("--reference", args.reference), ("--storyboard", args.storyboard)) if given]
+        if ignored:
+            raise SystemExit(f"error: --{'windows' if args.windows else 'extend'} makes its own clips and takes no {', '.join(ignored)}; run those apart")
     if args.storyboard and args.frames <= SCENE_CHANGES[-1]:
         raise SystemExit(f"error: --storyboard needs --frames above {SCENE_CHANGES[-1]} (its last scene starts there)")
     if args.prompt is not None and (args.storyboard or len(world.parse_caption(args.prompt)[0]) != 1):

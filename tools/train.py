@@ -280,6 +280,8 @@ def main(argv=None) -> None:
     step, smooth = 0, None
     if state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=True)
+        if st.get("train_only") != args.train_only:
+            raise SystemExit(f"{state_path} was trained with --train-only {st.get('train_only')!r}, not {args.train_only!r}: rerun with that option, or another --state")
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
@@ -313,7 +315,7 @@ def main(argv=None) -> None:
                 fh.write(json.dumps(rec) + "\n")
         if step % args.save_every == 0 or step == args.steps:
             buf = io.BytesIO()
-            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "smooth": smooth}, buf)
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step, "smooth": smooth, "train_only": args.train_only}, buf)
             atomic_write(state_path, buf.getvalue())
             export(Path(args.out), ema.state_dict(), codec, cfg, step, smooth)
     print(f"done: {step} steps, smoothed loss {smooth:.4f}, weights in {args.out}", flush=True)

@@ -95,6 +95,11 @@ def test_window_agreement_and_check(tmp_path):
     shapes = {world.parse_caption(santa.prompt(seed, False))[0][0][1] for seed in range(2)}
     assert set(report["by_shape"]) == shapes and sum(m["clips"] for m in report["by_shape"].values()) == 2
     assert all(0.0 <= m[k] <= 1.0 for m in report["by_shape"].values() for k in ("color_agreement", "hat_agreement", "hat_readable"))
+    with pytest.raises(SystemExit, match="--windows makes its own clips and takes no --extend, --prompt; run those apart"):
+        santa.main(["--out", str(tmp_path / "mixed"), "--windows", "2", "--extend", "2", "--prompt", "a circle moves right on a black background"])
+    with pytest.raises(SystemExit, match="--extend makes its own clips and takes no --reference, --storyboard;"):
+        santa.main(["--out", str(tmp_path / "mixed"), "--extend", "2", "--reference", "yellow,red", "--storyboard"])
+    assert not (tmp_path / "mixed").exists()  # refused before anything is written
 
 
 def test_extend_counts_the_new_frames_that_keep_the_clip_identity(tmp_path):

@@ -1,5 +1,6 @@
 """tools/train.py: its training noise and clips, and that an interrupted run resumes to the same weights."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -130,10 +131,14 @@ def test_train_only_trains_the_matching_parameters_and_freezes_the_rest(tmp_path
                     "--log", str(tmp_path / name / "log.jsonl"), "--out", str(tmp_path / name / "model.safetensors")])
         return load_file(tmp_path / name / "model.safetensors")
 
-    before, after = load_file(init), run(r"^text\.", "text")
+    text_only, unet_only = r"^text\.", r"^unet\."
+    before, after = load_file(init), run(text_only, "text")
     unet = [k for k in before if k.startswith(UNET_PREFIX)]
     assert unet and all(torch.equal(before[k], after[k]) for k in unet)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(TEXT_PREFIX))
+    refused = f"state.pt was trained with --train-only {text_only!r}, not {unet_only!r}"
+    with pytest.raises(SystemExit, match=re.escape(refused)):
+        run(unet_only, "text")  # its optimizer state holds other parameters: resuming it is refused
     with pytest.raises(SystemExit, match="--train-only 'no-such-layer' matches no parameter"):
         run("no-such-layer", "none")
     with pytest.raises(SystemExit, match="--train-only '\\(' is not a regular expression"):
