@@ -176,8 +176,8 @@ class FrameStream:
             self.refbank.remove()
             self.refbank = None
 
-    def _unet(self, x, t, ctx, attention_kwargs=None):
-        return self.model.unet(x, t, ctx, self.settings.fps, attention_kwargs)
+    def _unet(self, x, t, ctx, attention_kwargs=None, branches=1):
+        return self.model.unet(x, t, ctx, self.settings.fps, attention_kwargs, branches)
 
     def start(self) -> None:
         """Sample the base clip with plain DDIM (SDEdit from the start clip) and noise it into the queue."""

@@ -149,7 +149,7 @@ def window_check(model, cfg, seeds: int) -> dict:
     and the mean fraction of a clip's frames showing its most common value (unreadable frames never agree);
     the agreements and the fraction of frames with a readable hat also per shape (``by_shape``)."""
     s = fifo_settings(cfg, model)
-    unet = lambda x, t, c, attention_kwargs=None: model.unet(x, t, c, s.fps, attention_kwargs)  # noqa: E731
+    unet = lambda x, t, c, attention_kwargs=None, branches=1: model.unet(x, t, c, s.fps, attention_kwargs, branches)  # noqa: E731
     uncond = model.encode_text([cfg.sampling.negative_prompt])
     h, w = cfg.video.height // model.spatial_factor, cfg.video.width // model.spatial_factor
     one, share = {"color": [], "hat": []}, {"color": [], "hat": []}

@@ -158,7 +158,7 @@ class SamplingConfig:
     negative_prompt: str = ""
     discard_warmup: bool = True  # drop the first S - f frames (copies of the base clip's first frame)
     mode: str = option("batched", one_of("batched", "sequential"))  # sequential: the reference's call pattern
-    max_batch: Optional[int] = option(None, Rule(lambda v: v is None or v > 0, "a positive integer or null"))  # cap on samples per U-Net call (null: the whole tick in one call; on a CPU a smaller one can be faster: measure with tools/bench.py)
+    max_batch: Optional[int] = option(None, Rule(lambda v: v is None or v > 0, "a positive integer or null"))  # cap on rows (a window under one guidance branch) per U-Net call; a call runs both branches of its windows unless it is 1 (null: the whole tick in one call; on a CPU a smaller one can be faster: measure with tools/bench.py)
     vae_batch: int = option(1, POSITIVE)
     tail_noise: str = option("iid", one_of("iid", "mixed", "progressive", "coherent", "dependency"))  # iid (reference) | mixed, progressive (PYoCo) | coherent | dependency (ZS^2)
     noise_alpha: float = option(0.5, FRACTION)  # mixed/progressive/dependency: correlation between successive tail latents

@@ -248,6 +248,17 @@ class UNet3D(nn.Module):
             emb = emb + fps_emb.repeat_interleave(t, dim=0)
         return emb
 
+    def _context_free_prefix(self) -> tuple[int, int]:
+        """(input block, layer) of the first layer that reads the context; (0, 0) when a layer before
+        it has a processor other than plain attention (it may hold per-row state)."""
+        for i, block in enumerate(self.input_blocks):
+            for j, layer in enumerate(block):
+                if isinstance(layer, SpatialTransformer):
+                    before = [*self.input_blocks[:i], *block[:j], *([self.init_attn] if self.addition_attention else [])]
+                    plain = all(type(m.processor) is AttnProcessor for part in before for m in part.modules() if isinstance(m, Attention))
+                    return (i, j) if plain else (0, 0)
+        return 0, 0
+
     def forward(
         self,
         x: torch.Tensor,
@@ -255,11 +266,15 @@ class UNet3D(nn.Module):
         context: torch.Tensor,
         fps: int | torch.Tensor | None = 16,
         attention_kwargs: dict[str, Any] | None = None,
+        branches: int = 1,
     ) -> torch.Tensor:
         """Predict noise for ``x`` (b, c, t, h, w).
 
         ``attention_kwargs`` reach every attention processor, with ``timesteps`` (b, t) and
         ``shared`` (a dict of this pass) added (see :mod:`fifo_stream.models.attention`).
+        ``branches`` > 1: ``context`` holds that many contexts per sample, branch-major (rows
+        k*b..(k+1)*b are branch k, as guidance's conditional and unconditional), the result has
+        branches*b samples, and the layers before the first cross-attention run once per sample.
         """
         b, _, t, _, _ = x.shape
         timesteps = per_frame(timesteps, b, t)
@@ -270,21 +285,30 @@ class UNet3D(nn.Module):
             context = context.repeat_interleave(t, dim=0)
         h = rearrange(x, "b c t h w -> (b t) c h w").type(self.out[2].weight.dtype)
         context = context.type(h.dtype)
-        kwargs = {**(attention_kwargs or {}), "timesteps": timesteps, "shared": {}}
+        kwargs = {**(attention_kwargs or {}), "timesteps": timesteps.repeat(branches, 1), "shared": {}}
 
-        def run(block: UNetBlock, h: torch.Tensor) -> torch.Tensor:
+        def run(block: nn.Module, h: torch.Tensor, emb: torch.Tensor, batch: int) -> torch.Tensor:
             if self.gradient_checkpointing and self.training:
-                return checkpoint(block, h, emb, context, b, kwargs, use_reentrant=False)
-            return block(h, emb, context, b, kwargs)
+                return checkpoint(block, h, emb, context, batch, kwargs, use_reentrant=False)
+            return block(h, emb, context, batch, kwargs)
 
-        skips = []
+        def widen(v: torch.Tensor) -> torch.Tensor:
+            return v.repeat(branches, *[1] * (v.dim() - 1))
+
+        split_block, split_layer = self._context_free_prefix() if branches > 1 else (-1, 0)
+        batch, skips = b, []
         for i, block in enumerate(self.input_blocks):
-            h = run(block, h)
+            if i == split_block:
+                if split_layer:
+                    h = run(block[:split_layer], h, emb, batch)
+                h, emb, skips, batch = widen(h), widen(emb), [widen(s) for s in skips], b * branches
+                block = block[split_layer:]
+            h = run(block, h, emb, batch)
             if i == 0 and self.addition_attention:
-                h = run(self.init_attn, h)
+                h = run(self.init_attn, h, emb, batch)
             skips.append(h)
-        h = run(self.middle_block, h)
+        h = run(self.middle_block, h, emb, batch)
         for block in self.output_blocks:
-            h = run(block, torch.cat([h, skips.pop()], dim=1))
+            h = run(block, torch.cat([h, skips.pop()], dim=1), emb, batch)
         y = self.out(h).type(x.dtype)
-        return rearrange(y, "(b t) c h w -> b c t h w", b=b)
+        return rearrange(y, "(b t) c h w -> b c t h w", b=batch)

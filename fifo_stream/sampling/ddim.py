@@ -9,8 +9,8 @@ import torch
 from ..models.attention import rows_of
 from .schedule import ddim_timesteps, step_values
 
-# unet(x, timesteps, context, attention_kwargs) -> eps
-UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "dict[str, Any] | None"], torch.Tensor]
+# unet(x, timesteps, context, attention_kwargs, branches) -> eps (see UNet3D.forward's ``branches``)
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "dict[str, Any] | None", int], torch.Tensor]
 
 
 def guided_eps(
@@ -23,18 +23,26 @@ def guided_eps(
     max_batch: int | None = None,
     attention_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Classifier-free guidance eps_u + s (eps_c - eps_u) with both branches in one batch.
+    """Classifier-free guidance eps_u + s (eps_c - eps_u).
 
     ``x`` (B, c, f, h, w), ``timesteps`` (B, f), contexts (B, n, d) or (B, f, n, d).
-    ``max_batch`` caps the samples per U-Net call (the 2B rows are split into chunks).
+    Each U-Net call runs both branches of its samples (the layers before cross-attention once
+    per sample); ``max_batch`` caps the rows per call (1: one branch per call).
     ``attention_kwargs`` describe the 2B rows, conditional first (see :func:`rows_of`).
     """
     B = x.shape[0]
-    xs, ts, cs = torch.cat([x, x]), torch.cat([timesteps, timesteps]), torch.cat([cond, uncond])
-    step = max_batch or 2 * B
-    chunks = [slice(i, i + step) for i in range(0, 2 * B, step)]
-    eps = torch.cat([unet(xs[c], ts[c], cs[c], rows_of(attention_kwargs, c)) for c in chunks])
-    eps_c, eps_u = eps[:B], eps[B:]
+    per_call = max_batch or 2 * B
+    branches = 2 if per_call >= 2 else 1
+    contexts, eps = (cond, uncond), ([], [])
+    for i in range(0, B, per_call // branches):
+        s = slice(i, min(i + per_call // branches, B))
+        for first in range(0, 2, branches):
+            which = range(first, first + branches)
+            rows = torch.cat([torch.arange(s.start, s.stop) + k * B for k in which])
+            e = unet(x[s], timesteps[s], torch.cat([contexts[k][s] for k in which]), rows_of(attention_kwargs, rows), branches)
+            for k, part in zip(which, e.chunk(branches)):
+                eps[k].append(part)
+    eps_c, eps_u = (torch.cat(parts) for parts in eps)
     return eps_u + scale * (eps_c - eps_u)
 
 

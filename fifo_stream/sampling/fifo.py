@@ -110,7 +110,7 @@ class FifoEngine:
         shared_noise: SharedNoise | None = None,
         anchor=None,
     ):
-        """``forward`` replaces ``unet(x, t, context, fps, attention_kwargs=...)`` for the ticks, e.g. a compiled U-Net.
+        """``forward`` replaces ``unet(x, t, context, fps, attention_kwargs=..., branches=...)`` for the ticks, e.g. a compiled U-Net.
 
         ``refbank`` is a control with ``attention_kwargs(layout)`` and ``commit()`` (see the module docstring).
         ``shared_noise`` mixes every noise latent that enters a slot with the shared component of the slot's level.
@@ -230,8 +230,8 @@ class FifoEngine:
     def _mix(self, fresh: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         return fresh if self.shared_noise is None else self.shared_noise(fresh, timestep)
 
-    def _call_unet(self, x, t, c, attention_kwargs=None):
-        return self.forward(x, t, c, self.settings.fps, attention_kwargs=attention_kwargs)
+    def _call_unet(self, x, t, c, attention_kwargs=None, branches=1):
+        return self.forward(x, t, c, self.settings.fps, attention_kwargs=attention_kwargs, branches=branches)
 
     def _window_inputs(self, q, start, context):
         f, b = self.settings.frames, q.shape[0]

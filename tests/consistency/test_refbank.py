@@ -208,7 +208,7 @@ def test_bank_holds_the_reference_or_the_last_frame(unet, bank_of, mu):
 
 def count_calls(unet):
     calls = []
-    return calls, unet.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    return calls, unet.register_forward_pre_hook(lambda _m, args, kw: calls.append(args[0].shape[0] * kw.get("branches", 1)), with_kwargs=True)
 
 
 @torch.no_grad()

@@ -103,17 +103,18 @@ def test_every_frame_is_denoised_with_its_own_context(tiny, overrides):
 
     def probe(_module, args):
         x, _, context = args[0], args[1], args[2]
+        b = x.shape[0]  # each call runs both branches of its samples: 2b contexts, conditional first
+        assert context.shape[0] == 2 * b
         if stream.engine.queue is None:  # the base clip: the first scene's prompt
-            assert torch.equal(context[: x.shape[0] // 2], scenes[:1].expand(x.shape[0] // 2, -1, -1))
+            assert torch.equal(context[:b], scenes[:1].expand(b, -1, -1))
             return
         assert context.dim() == 4  # one context per frame
         q, tick = stream.engine.queue, stream.engine.tick
-        for r in range(x.shape[0]):
-            branch_cond = r < x.shape[0] // 2  # guided_eps stacks cond rows first
+        for r in range(2 * b):
             for t in range(x.shape[2]):
-                slot = [i for i in range(q.shape[2]) if torch.equal(q[0, :, i], x[r, :, t])]
+                slot = [i for i in range(q.shape[2]) if torch.equal(q[0, :, i], x[r % b, :, t])]
                 assert len(slot) == 1
-                if branch_cond:
+                if r < b:
                     frame = tick + slot[0] - stream.settings.emit_slot - skip
                     assert torch.allclose(context[r, t], by_hand(frame), atol=1e-6), (tick, slot, frame)
                     seen.append((tick, x[r, :, t].clone(), context[r, t].clone()))

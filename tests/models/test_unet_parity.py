@@ -4,6 +4,7 @@ import torch
 
 from conftest import checkpoint_key_shapes
 from synthetic import FULL_SIZE, fixture_unet
+from fifo_stream.models.attention import AttnProcessor
 from fifo_stream.models.checkpoint import UNET_PREFIX, extract, load_weights, read_state_dict
 from fifo_stream.models.unet import UNet3D
 from fifo_stream.models.unet_blocks import SpatialTransformer, TemporalTransformer
@@ -108,3 +109,32 @@ def test_temporal_attention_left_out_of_the_full_size_blocks():
     with torch.no_grad():
         out = fewer(torch.randn(1, 4, 4, 8, 8), torch.tensor([500]), torch.randn(1, 3, 16))
     assert out.shape == (1, 4, 4, 8, 8) and torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_guidance_branches_share_the_layers_before_cross_attention(tmp_path):
+    unet, fx = fixture_unet(tmp_path)
+    i = fx["inputs"]
+    x, ts, fps = i["x"], i["timesteps"], i["fps"]
+    b, _, t, _, _ = x.shape
+    cond, uncond = i["context"], torch.randn_like(i["context"])
+    apart = torch.cat([unet(x, ts, cond, fps), unet(x, ts, uncond, fps)])
+    rows = {}
+    probes = [unet.init_attn, next(m for m in unet.modules() if isinstance(m, SpatialTransformer))]
+    hooks = [m.register_forward_pre_hook(lambda m, args: rows.setdefault(m, args[0].shape[0]) and None) for m in probes]
+    shared = unet(x, ts, torch.cat([cond, uncond]), fps, branches=2)
+    assert shared.shape == apart.shape and (shared - apart).abs().max() <= 1e-5 * apart.abs().max()
+    assert [rows[m] for m in probes] == [b * t, 2 * b * t]  # init_attn once per sample, cross-attention per branch
+
+    class Recording:  # a processor of its own before cross-attention may keep per-row state: no sharing there
+        def __call__(self, attn, x, context=None, **kwargs):
+            assert kwargs["timesteps"].shape == (2 * b, t)
+            return AttnProcessor()(attn, x, context, **kwargs)
+
+    unet.set_attn_processor({"init_attn.0.transformer_blocks.0.attn1": Recording()})
+    rows.clear()
+    custom = unet(x, ts, torch.cat([cond, uncond]), fps, branches=2)
+    for h in hooks:
+        h.remove()
+    assert [rows[m] for m in probes] == [2 * b * t, 2 * b * t]
+    assert (custom - apart).abs().max() <= 1e-5 * apart.abs().max()

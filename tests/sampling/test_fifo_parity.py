@@ -1,6 +1,5 @@
 """The FIFO engine against the official FIFO-Diffusion loop (fixture), plus state and call-count checks."""
 
-import math
 
 import pytest
 import torch
@@ -56,12 +55,12 @@ def settings_of(fifo, variant, **overrides):
 class CountingUNet(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
-        self.unet, self.calls, self.samples = unet, 0, []
+        self.unet, self.calls, self.rows = unet, 0, []
 
-    def forward(self, x, t, c, fps, attention_kwargs=None):
+    def forward(self, x, t, c, fps, attention_kwargs=None, branches=1):
         self.calls += 1
-        self.samples.append(x.shape[0])
-        return self.unet(x, t, c, fps, attention_kwargs)
+        self.rows.append(x.shape[0] * branches)
+        return self.unet(x, t, c, fps, attention_kwargs, branches)
 
 
 @pytest.mark.parametrize("variant", ["lookahead", "no_lookahead"])
@@ -87,14 +86,15 @@ def test_one_unet_call_per_tick_and_max_batch(oracle):
     fifo, unet, alphas = oracle
     v = fifo["variants"]["lookahead"]
     windows = len(settings_of(fifo, v).window_starts)
-    for max_batch, calls_per_tick in ((None, 1), (3, math.ceil(2 * windows / 3))):
+    # a call runs both branches of its windows: max_batch 3 fits one window's two rows
+    for max_batch, calls_per_tick in ((None, 1), (3, windows), (1, 2 * windows)):
         counting = CountingUNet(unet)
         engine = FifoEngine(counting, alphas, settings_of(fifo, v), RecordedNoise(v["tail_noises"]), max_batch=max_batch)
         engine.start_from_queue(v["initial_queue"])
         for _ in range(2):
             engine.step(fifo["cond"], fifo["uncond"])
         assert counting.calls == 2 * calls_per_tick
-        assert max(counting.samples) <= (max_batch or 2 * windows)
+        assert max(counting.rows) <= (max_batch or 2 * windows)
     counting = CountingUNet(unet)
     engine = FifoEngine(counting, alphas, settings_of(fifo, v), RecordedNoise(v["tail_noises"]), mode="sequential")
     engine.start_from_queue(v["initial_queue"])
