@@ -6,7 +6,8 @@ frames per window and n partitions the queue holds S = f n levels (plus f/2
 fully-denoised lookahead slots at the head with ``lookahead``).
 
 All windows of a tick read only the pre-tick queue and write disjoint slots, so
-in ``batched`` mode they and both guidance branches run as one U-Net batch.
+in ``batched`` mode they and both guidance branches run as one U-Net batch (the branches share
+the layers before cross-attention: :func:`~fifo_stream.sampling.ddim.guided_eps`).
 ``sequential`` mode reproduces the reference's call pattern (one window at a time,
 highest first, separate guidance calls) as a baseline and cross-check.
 
@@ -213,9 +214,9 @@ class FifoEngine:
         return self.tick + torch.arange(self.settings.queue_length) - self.settings.emit_slot
 
     def layout(self, batch: int) -> FrameLayout:
-        """The rows of this tick's U-Net calls, in call order: batched, both branches of every
-        window (cond first, as :func:`guided_eps` stacks them); sequential, per window from the
-        highest, cond then uncond. Each row is ``batch`` samples of one window."""
+        """The rows of this tick's U-Net calls: batched, both branches of every window (all
+        cond rows first, as :func:`guided_eps` indexes them); sequential, in call order, per
+        window from the highest, cond then uncond. Each row is ``batch`` samples of one window."""
         s = self.settings
         if self.mode == "batched":
             groups = [(branch, w) for branch in (0, 1) for w in s.window_starts]
