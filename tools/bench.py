@@ -3,6 +3,7 @@
     python tools/bench.py --config bench-anchor --frames 30                         # one run
     python tools/bench.py --config bench-anchor --frames 12 --pairs 5 --baseline    # vs the reference's call pattern
     python tools/bench.py --config bench-anchor --frames 12 --pairs 5 --compare runtime.dtype=bf16
+    python tools/bench.py --config bench-anchor --frames 6 --profile 25                # where the time goes
     python tools/bench.py --config videocrafter2 --frames 20 --peak-tflops 989 --baseline model.weights=random runtime.dtype=bf16
     torchrun --nproc-per-node 8 tools/bench.py --config videocrafter2 --frames 40 --peak-tflops 989 model.weights=random
 
@@ -148,17 +149,23 @@ def run(model, cfg, frames: int, warmup: int, seed: int, args) -> dict:
 
         def counted(x, *rest, **kwargs):
             calls["n"] += 1
-            calls["evals"] += x.shape[0] * x.shape[2]
+            calls["evals"] += x.shape[0] * kwargs.get("branches", 1) * x.shape[2]
             return forward(x, *rest, **kwargs)
 
         stream.engine.forward = counted
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        activities = [torch.profiler.ProfilerActivity.CPU, *([torch.profiler.ProfilerActivity.CUDA] if cuda else [])]
+        profiler = torch.profiler.profile(activities=activities) if args.profile else contextlib.nullcontext()
         start = time.perf_counter()
-        produce(stream, decoder, frames)
-        sync()
+        with profiler:
+            produce(stream, decoder, frames)
+            sync()
         elapsed = time.perf_counter() - start
+        if args.profile and distributed.is_main():
+            by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+            print(profiler.key_averages(group_by_input_shape=True).table(sort_by=by, row_limit=args.profile), file=sys.stderr, flush=True)
         refbank_mb = stream.refbank.nbytes() / 2**20 if stream.refbank is not None else 0.0
     finally:
         if decoder is not None:
@@ -234,7 +241,7 @@ def compare(args, a_overrides: list[str], b_overrides: list[str]) -> None:
             "speedup_b_range": [round(ratios[0], 3), round(ratios[-1], 3)], "pairs": args.pairs})
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny-random")
     p.add_argument("--frames", type=int, default=50)
@@ -246,8 +253,10 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="the accelerator's peak dense TFLOP/s for the dtype, to report MFU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="print the timed frames' top ROWS ops (by self time, per input shape) to stderr; times include the profiler's overhead")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     # Warm-up ticks cost what the others cost: emit from the first tick.
