@@ -9,7 +9,7 @@ horizontal bands of the subject, moved to the reference frame's:
 
 M_b is the soft subject mask restricted to band b and mu_b the M_b-weighted channel mean. The
 subject is what stands out from the frame's background: each latent cell's distance d to the
-per-channel spatial median, as clamp(2 d / max(d) - 0.5, 0, 1) (as Ouroboros' subject-aware
+per-channel median of its row (so a vertical gradient is background too), as clamp(2 d / max(d) - 0.5, 0, 1) (as Ouroboros' subject-aware
 attention restricts itself to the subject). Only the subject's colors are moved, not its place,
 so the video keeps moving. The DDIM step then re-derives its noise estimate from the corrected
 x0 (:func:`~fifo_stream.sampling.ddim.ddim_step`'s ``correct_x0``).
@@ -22,7 +22,7 @@ import torch
 
 def subject_mask(z: torch.Tensor) -> torch.Tensor:
     """Soft subject mask (N, 1, h, w) of latents ``z`` (N, c, h, w)."""
-    background = z.flatten(2).median(-1).values[..., None, None]
+    background = z.median(-1, keepdim=True).values  # per row: a vertical gradient is background too
     d = (z - background).norm(dim=1, keepdim=True)
     top = d.flatten(1).max(1).values.clamp(min=1e-6)[:, None, None, None]
     return (2 * d / top - 0.5).clamp(0, 1)

@@ -33,6 +33,17 @@ def test_the_mask_is_the_subject_and_bands_split_it_from_the_top():
     assert masks[0, 0, 0, 2].sum() == 3 and masks[0, 0].sum() == 3
 
 
+def test_a_vertical_gradient_background_is_not_the_subject():
+    z = scene(RED, GREEN, top=2, left=3)
+    gradient = torch.linspace(-3, 3, 8)[:, None] * torch.tensor([1.0, 1.0, 0.5, 0.0])[:, None, None]  # (4, 8 rows, 1)
+    z[0] += gradient * (z[0].abs().sum(0) == 0)  # the background rows only, brighter to the bottom
+    mask = subject_mask(z)
+    subject = torch.zeros(8, 8, dtype=torch.bool)
+    subject[2:5, 3:6] = True
+    assert mask[0, 0][~subject].max() == 0 and mask[0, 0][subject].min() > 0
+    assert torch.allclose(band_means(z, mask, 3)[0][0, 0], torch.tensor(GREEN))  # the top band: the hat row alone
+
+
 @pytest.mark.parametrize("strength", [1.0, 0.5])
 def test_the_subject_takes_the_references_band_colors_where_it_is_now(strength):
     anchor = SubjectAnchor(strength, min_level=2, bands=3, reference_tick=7)
