@@ -266,6 +266,10 @@ def main(argv=None) -> None:
         text.tower.load_state_dict(init.text_encoder.tower.state_dict())
     model = torch.nn.ModuleDict({"unet": unet, "text": text}).to(device).train()
     trained = trainable(model, args.train_only)  # checked before the first stage trains or writes anything
+    state_path, log_path = Path(args.state), Path(args.log)
+    st = torch.load(state_path, map_location=device, weights_only=True) if state_path.exists() else None
+    if st is not None and st.get("train_only") != args.train_only:
+        raise SystemExit(f"{state_path} was trained with --train-only {st.get('train_only')!r}, not {args.train_only!r}: rerun with that option, or another --state")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.model.vae.type == "autoencoder_kl":
         codec = train_vae(cfg, args, device, init.vae if init else None)
@@ -276,12 +280,8 @@ def main(argv=None) -> None:
     alphas = alphas_cumprod(cfg.model.schedule.num_train_timesteps, cfg.model.schedule.linear_start, cfg.model.schedule.linear_end)
     alphas = alphas.float().to(device)
 
-    state_path, log_path = Path(args.state), Path(args.log)
     step, smooth = 0, None
-    if state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=True)
-        if st.get("train_only") != args.train_only:
-            raise SystemExit(f"{state_path} was trained with --train-only {st.get('train_only')!r}, not {args.train_only!r}: rerun with that option, or another --state")
+    if st is not None:
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])

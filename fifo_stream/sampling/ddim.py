@@ -33,9 +33,10 @@ def guided_eps(
     B = x.shape[0]
     per_call = max_batch or 2 * B
     branches = 2 if per_call >= 2 else 1
+    samples = per_call // branches
     contexts, eps = (cond, uncond), ([], [])
-    for i in range(0, B, per_call // branches):
-        s = slice(i, min(i + per_call // branches, B))
+    for i in range(0, B, samples):
+        s = slice(i, min(i + samples, B))
         for first in range(0, 2, branches):
             which = range(first, first + branches)
             rows = torch.cat([torch.arange(s.start, s.stop) + k * B for k in which])
