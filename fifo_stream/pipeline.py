@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from .consistency.anchor import SubjectAnchor
+from .consistency.anchor import SubjectAnchor, TemplateAnchor
 from .consistency.qcache import QCache
 from .consistency.refbank import RefBank
 from .consistency.storyboard import Scene, Storyboard, StoryboardError
@@ -158,14 +158,18 @@ class FrameStream:
         if q.enabled:
             self.qcache = QCache(unet, None if q.pairs is None else dict(q.pairs), q.strength, q.strength_min, len(self.model.alphas))
 
-    def _anchor(self) -> SubjectAnchor | None:
+    def _anchor(self) -> SubjectAnchor | TemplateAnchor | None:
         a = self.cfg.consistency.anchor
         if not a.enabled:
             return None
         if a.min_level >= self.settings.steps:
             raise FifoStreamError(f"consistency.anchor.min_level={a.min_level} corrects no level: these settings have {self.settings.steps} (use 0 to {self.settings.steps - 1})")
         given = a.reference == "start" or self.reference_image is not None  # take_reference() in start()
-        return SubjectAnchor(a.strength, a.min_level, a.bands, None if given else self.skip + a.reference)
+        tick = None if given else self.skip + a.reference
+        if a.mode == "template":
+            m = self.model
+            return TemplateAnchor(a.strength, a.min_level, tick, m.encode, m.decode, m.spatial_factor, m.upscale)
+        return SubjectAnchor(a.strength, a.min_level, a.bands, tick)
 
     def close(self) -> None:
         """Uninstall the consistency controls from the (shared) model."""
@@ -187,7 +191,7 @@ class FrameStream:
         anchor = self.engine.anchor
         anchor_takes = anchor is not None and anchor.reference_tick is None
         reference = None
-        if self.reference_image is not None and (self.refbank is not None or anchor_takes):
+        if self.reference_image is not None and (self.refbank is not None or (anchor_takes and isinstance(anchor, SubjectAnchor))):
             reference = self.model.encode(self.reference_image[None])  # (1, c, 1, h, w)
         if reference is not None and self.refbank is not None:
             self._record_reference(reference)
@@ -201,7 +205,9 @@ class FrameStream:
         )
         continues = self.start_clip is not None and self.start_clip.continues
         clip = distributed.broadcast_(clip)  # rank 0's clip: identical queues on every rank
-        if anchor_takes:
+        if anchor_takes and isinstance(anchor, TemplateAnchor) and self.reference_image is not None:
+            anchor.take_image(self.reference_image)
+        elif anchor_takes:
             anchor.take_reference(reference[:, :, 0] if reference is not None else clip[0].transpose(0, 1))
         self.engine.start_from_clip(clip, continues)
 

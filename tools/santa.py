@@ -91,6 +91,10 @@ SETTINGS = {
     "anchor-top-half": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.min_level=8"],
     "anchor-start": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.reference=start"],
     "anchor-start-3-bands": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.reference=start", "consistency.anchor.bands=3"],
+    "template-start": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.reference=start", "consistency.anchor.mode=template"],
+    "template-start-top-half": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.reference=start", "consistency.anchor.mode=template",
+                                "consistency.anchor.min_level=8"],
+    "template": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.mode=template"],
     "recommended": [],
 }
 SCENE_CHANGES = (600, 1200)

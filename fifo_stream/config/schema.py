@@ -215,9 +215,10 @@ class AnchorConfig:
     """Subject appearance anchor: each step's predicted clean latents keep the reference frame's subject colors."""
 
     enabled: bool = False
-    strength: float = option(1.0, FRACTION)  # how far the subject's band means move to the reference's (1: all the way)
+    strength: float = option(1.0, FRACTION)  # how far the subject's band means (or template cells) move to the reference's (1: all the way)
     min_level: int = option(0, at_least(0, "an integer"))  # corrected noise levels: index >= this (0: all of them)
-    bands: int = option(2, POSITIVE)  # horizontal bands of the subject whose colors are kept apart (e.g. a hat and a body)
+    mode: str = option("bands", one_of("bands", "template"))  # bands: the subject's band means | template: its cells, placed where it is
+    bands: int = option(2, POSITIVE)  # mode bands: horizontal bands of the subject whose colors are kept apart (e.g. a hat and a body)
     # the emitted frame number of the reference frame; start: the medoid frame of the clip the queue starts from; or an image's path
     reference: Any = option(0, Rule(_frame_or_path, "an emitted frame number >= 0, start or an image path"))
 

@@ -17,7 +17,9 @@ x0 (:func:`~fifo_stream.sampling.ddim.ddim_step`'s ``correct_x0``).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def subject_mask(z: torch.Tensor) -> torch.Tensor:
@@ -88,3 +90,141 @@ class SubjectAnchor:
 
     def load_state_dict(self, state: dict) -> None:
         self.reference = state["reference"]
+
+
+def medoid(z: torch.Tensor, bands: int) -> torch.Tensor:
+    """The frame of ``z`` (n, c, h, w) whose subject band means are closest to the others': (1, c, h, w)."""
+    flat = band_means(z, subject_mask(z), bands)[0].flatten(1)
+    return z[torch.cdist(flat, flat).sum(1).argmin()][None]
+
+
+def row_background(z: torch.Tensor) -> torch.Tensor:
+    """Background (n, c, h, 1) of latents ``z`` (n, c, h, w) per row: the mean of the row's densest
+    cells (the cell whose w/4 nearest cells in the row lie closest, and those cells). Unlike the
+    row median, it holds where the subject covers half a row."""
+    n, c, h, w = z.shape
+    m = max(1, w // 4)
+    rows = z.permute(0, 2, 3, 1)  # (n, h, w, c)
+    near = torch.cdist(rows, rows).topk(m + 1, dim=-1, largest=False)  # each cell's nearest in its row, itself included
+    densest = near.values.sum(-1).argmin(-1)  # (n, h)
+    members = near.indices.gather(2, densest[..., None, None].expand(-1, -1, 1, m + 1))[:, :, 0]  # (n, h, m + 1)
+    mean = rows.gather(2, members[..., None].expand(-1, -1, -1, c)).mean(2)  # (n, h, c)
+    return mean.permute(0, 2, 1)[..., None]
+
+
+def object_parts(image: np.ndarray, parts: int, threshold: float = 0.4) -> np.ndarray:
+    """Labels (H, W) of ``image`` (H, W, 3): -1 for background (pixels close to their row's median),
+    else which of ``parts`` color clusters of the object (k-means from the median color and the pixels farthest from it)."""
+    img = image.astype(np.float32)
+    d = np.linalg.norm(img - np.median(img, axis=1, keepdims=True), axis=-1)
+    mask = d > threshold * max(float(d.max()), 1e-6)
+    labels = np.full(mask.shape, -1)
+    if not mask.any():
+        return labels
+    colors = img[mask]
+    centers = [np.median(colors, axis=0)]
+    for _ in range(parts - 1):
+        far = np.min([np.linalg.norm(colors - c, axis=1) for c in centers], axis=0)
+        centers.append(colors[far.argmax()])
+    centers = np.stack(centers)
+    for _ in range(10):
+        near = np.linalg.norm(colors[:, None] - centers[None], axis=-1).argmin(1)
+        centers = np.stack([colors[near == k].mean(0) if (near == k).any() else centers[k] for k in range(parts)])
+    labels[mask] = near
+    return labels
+
+
+class TemplateAnchor:
+    """Keeps the reference subject cell by cell: each corrected frame's subject cells move toward the
+    reference subject's latent cells, placed where the frame's subject is now.
+
+    The reference object (pixels far from their row's median, split into ``parts`` color clusters:
+    a hat and a body) is pasted onto its own background at every sub-cell offset and encoded, giving
+    latent patches and the fraction of each patch cell that each part covers. A frame's subject is
+    located by its layout, whatever its colors: the offset and cell position where the frame's cells
+    are best explained as the background plus each part's coverage times a free color (least
+    squares). The cells there that the object touches move by ``strength * (patch - cells)``, so hat and
+    body keep their own colors and place, which band means mix. ``encode``/``decode`` are the
+    model's (uint8 frames at the video size <-> latents), ``factor`` its pixels per latent cell and
+    ``step`` the offsets' spacing in pixels; the rest as :class:`SubjectAnchor`.
+    """
+
+    def __init__(self, strength: float, min_level: int, reference_tick: int | None, encode, decode, factor: int, step: int, parts: int = 2):
+        self.strength, self.min_level, self.reference_tick = float(strength), int(min_level), reference_tick
+        self.encode, self.decode, self.factor, self.step, self.parts = encode, decode, int(factor), int(step), int(parts)
+        self.patches: torch.Tensor | None = None  # (O, c, ph, pw) latent patches, one per sub-cell offset
+        self.part_coverage: torch.Tensor | None = None  # (O, parts, ph, pw) each part's fraction of each patch cell
+
+    @property
+    def reference(self):
+        return self.patches
+
+    def take_image(self, image: np.ndarray) -> None:
+        """Build the patches from a reference ``image`` (H, W, 3) uint8 at the video size."""
+        labels = object_parts(image, self.parts)
+        if (labels < 0).all():
+            raise ValueError("the reference shows no subject: every pixel is like its row's")
+        (H, W), f = labels.shape, self.factor
+        ys, xs = np.nonzero(labels >= 0)
+        y0, x0, bh, bw = ys.min(), xs.min(), ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        ph, pw = min(-(-bh // f) + 1, H // f), min(-(-bw // f) + 1, W // f)
+        top, left = max(0, (H - ph * f) // 2 // f * f), max(0, (W - pw * f) // 2 // f * f)  # a cell-aligned home
+        background = np.broadcast_to(np.median(image.astype(np.float32), axis=1, keepdims=True), image.shape).round().astype(np.uint8)
+        frames, covers = [], []
+        for oy in range(0, f, self.step):
+            for ox in range(0, f, self.step):
+                ty, tx = top + oy, left + ox
+                hh, ww = min(bh, H - ty), min(bw, W - tx)
+                placed = np.full((H, W), -1)
+                placed[ty : ty + hh, tx : tx + ww] = labels[y0 : y0 + hh, x0 : x0 + ww]
+                canvas = background.copy()
+                canvas[placed >= 0] = image[y0 : y0 + hh, x0 : x0 + ww][placed[ty : ty + hh, tx : tx + ww] >= 0]
+                frames.append(canvas)
+                covers.append(np.stack([(placed == k).reshape(H // f, f, W // f, f).mean(axis=(1, 3)) for k in range(self.parts)]))
+        latents = self.encode(np.stack(frames))[0].transpose(0, 1)  # (O, c, h, w)
+        r, c = top // f, left // f
+        self.patches = latents[:, :, r : r + ph, c : c + pw].float().cpu().clone()
+        self.part_coverage = torch.from_numpy(np.stack(covers)[..., r : r + ph, c : c + pw]).float()
+
+    def take_latent(self, z: torch.Tensor) -> None:
+        """Build the patches from a clean latent frame ``z`` (1, c, h, w), decoded."""
+        self.take_image(self.decode(z[:, :, None])[0, 0].numpy())
+
+    def observe(self, latent: torch.Tensor, tick: int) -> None:
+        if self.patches is None and tick == self.reference_tick:
+            self.take_latent(latent)
+
+    def take_reference(self, z: torch.Tensor) -> None:
+        """Build the patches from the medoid of clean latent frames ``z`` (n, c, h, w)."""
+        self.take_latent(medoid(z, 2))
+
+    def correct(self, x0: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        chosen = (levels.to(x0.device) >= self.min_level).nonzero().flatten()
+        if self.patches is None or len(chosen) == 0:
+            return x0
+        z = x0[0, :, chosen].transpose(0, 1).float()  # (n, c, h, w)
+        patches, parts = self.patches.to(z), self.part_coverage.to(z)
+        (n, c, h, w), (O, k, ph, pw) = z.shape, parts.shape
+        # Least squares per placement: cells - background ~ sum_j parts_j * color_j (colors free, per
+        # channel); the explained energy r^T G^-1 r, G the parts' Gram matrix, ranks the placements.
+        d = z - row_background(z)
+        r = F.conv2d(d.reshape(n * c, 1, h, w), parts.reshape(O * k, 1, ph, pw)).view(n, c, O, k, -1)
+        gram = torch.einsum("oiyx,ojyx->oij", parts, parts) + 1e-6 * torch.eye(k, device=z.device, dtype=z.dtype)
+        explained = torch.einsum("ncoil,oij,ncojl->nol", r, torch.linalg.inv(gram), r)  # (n, O, L)
+        sh, sw = h - ph + 1, w - pw + 1
+        best = explained.flatten(1).argmax(1).tolist()
+        touched = (parts.sum(1) > 0).to(z)  # the cells the object touches: the patch holds their mix with the background
+        out = x0.clone()
+        for i, index in enumerate(best):
+            o, y, x = index // (sh * sw), index % (sh * sw) // sw, index % sw
+            region = z[i, :, y : y + ph, x : x + pw]
+            z[i, :, y : y + ph, x : x + pw] = region + self.strength * touched[o] * (patches[o] - region)
+        out[0, :, chosen] = z.transpose(0, 1).to(out.dtype)
+        return out
+
+    def state_dict(self) -> dict:
+        none = self.patches is None
+        return {"patches": None if none else self.patches.clone(), "part_coverage": None if none else self.part_coverage.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.patches, self.part_coverage = state["patches"], state["part_coverage"]

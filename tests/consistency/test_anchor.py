@@ -6,7 +6,7 @@ import torch
 from conftest import straight_and_resumed
 
 from fifo_stream.config import load_config
-from fifo_stream.consistency.anchor import SubjectAnchor, band_means, subject_mask
+from fifo_stream.consistency.anchor import SubjectAnchor, TemplateAnchor, band_means, subject_mask
 from fifo_stream.errors import FifoStreamError
 from fifo_stream.models.loading import load_model
 from fifo_stream.pipeline import FrameStream
@@ -90,8 +90,9 @@ def test_anchored_runs_resume_exactly_and_differ_from_plain(tiny, tmp_path):
     assert not np.array_equal(plain_frames[5], straight[5])
 
 
-def test_a_start_reference_acts_from_the_first_frame_and_resumes_exactly(tmp_path):
-    cfg = load_config("tiny-random", ["consistency.anchor.enabled=true", "consistency.anchor.reference=start"])
+@pytest.mark.parametrize("mode", ["bands", "template"])
+def test_a_start_reference_acts_from_the_first_frame_and_resumes_exactly(tmp_path, mode):
+    cfg = load_config("tiny-random", ["consistency.anchor.enabled=true", "consistency.anchor.reference=start", f"consistency.anchor.mode={mode}"])
     model = load_model(cfg)
     straight, resumed = straight_and_resumed(model, cfg, "a blue square", 3, split=2, total=4, tmp_path=tmp_path)
     assert all(np.array_equal(x, y) for x, y in zip(straight, resumed))
@@ -110,9 +111,85 @@ def test_a_reference_image_gives_the_anchor_its_colors_and_must_be_passed(tiny):
     stream.start()
     z = model.encode(image[None])[:, :, 0]
     assert torch.equal(stream.engine.anchor.reference, band_means(z, subject_mask(z), 2)[0])
+    template = FrameStream(model, load_config("tiny-random", ["consistency.anchor.enabled=true", "consistency.anchor.reference=mine.png",
+                                                               "consistency.anchor.mode=template"]), "a red circle", reference_image=image)
+    template.start()
+    direct = TemplateAnchor(1.0, 0, None, model.encode, model.decode, model.spatial_factor, model.upscale)
+    direct.take_image(image)  # the image itself, not its latent decoded
+    assert torch.equal(template.engine.anchor.patches, direct.patches)
 
 
 def test_a_level_beyond_the_schedule_is_refused(tiny):
     _, model = tiny
     with pytest.raises(FifoStreamError, match="min_level=99 corrects no level"):
         FrameStream(model, load_config("tiny-random", ["consistency.anchor.enabled=true", "consistency.anchor.min_level=99"]), "a red circle")
+
+
+FACTOR = 4  # pixels per latent cell of the test codec
+
+
+def encode_blocks(frames: np.ndarray) -> torch.Tensor:
+    """A linear codec: each latent cell is its FACTOR x FACTOR block's mean color in [-1, 1]: (1, 3, n, h, w)."""
+    x = torch.from_numpy(frames).float().permute(0, 3, 1, 2) / 127.5 - 1
+    return torch.nn.functional.avg_pool2d(x, FACTOR).permute(1, 0, 2, 3)[None]
+
+
+def decode_blocks(z: torch.Tensor) -> torch.Tensor:
+    x = torch.nn.functional.interpolate(z[0].transpose(0, 1), scale_factor=FACTOR)
+    return ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)[None]
+
+
+def hatted(body, hat, top: int, left: int, size: int = 32) -> np.ndarray:
+    """A (size, size, 3) image: a 12 x 12 square on gray, its top 4 rows the ``hat`` color."""
+    image = np.full((size, size, 3), 120, np.uint8)
+    image[top : top + 12, left : left + 12] = body
+    image[top : top + 4, left : left + 12] = hat
+    return image
+
+
+def template_anchor(strength=1.0, min_level=0, reference_tick=None):
+    return TemplateAnchor(strength, min_level, reference_tick, encode_blocks, decode_blocks, FACTOR, 1)
+
+
+RED_PX, GREEN_PX, BLUE_PX, YELLOW_PX = (230, 40, 40), (40, 190, 60), (50, 80, 235), (235, 215, 40)
+
+
+@pytest.mark.parametrize("drifted", [(RED_PX, YELLOW_PX), (BLUE_PX, GREEN_PX)], ids=["hat", "body"])
+def test_the_template_gives_hat_and_body_cells_their_own_colors_where_the_subject_is_now(drifted):
+    anchor = template_anchor()
+    anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))  # red, green hat
+    assert anchor.patches.shape == (FACTOR * FACTOR, 3, 4, 4) and anchor.part_coverage.shape == (FACTOR * FACTOR, 2, 4, 4) and torch.allclose(anchor.part_coverage.sum((2, 3)), torch.tensor([96 / 16, 48 / 16]))
+    moved = encode_blocks(hatted(*drifted, top=16, left=12)[None])  # elsewhere, the hat or the body another color
+    out = anchor.correct(moved, torch.tensor([0]))
+    want = encode_blocks(hatted(RED_PX, GREEN_PX, top=16, left=12)[None])
+    assert torch.allclose(out, want, atol=1e-5)  # cell for cell: the hat row green, the body red, the gray untouched
+    assert not torch.allclose(moved, want, atol=0.1)
+
+
+def test_a_subject_between_cells_takes_the_template_of_its_offset():
+    anchor = template_anchor()
+    anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))
+    for top, left in ((13, 9), (18, 17), (6, 1)):
+        moved = encode_blocks(hatted(RED_PX, (215, 50, 210), top=top, left=left)[None])  # a magenta hat
+        want = encode_blocks(hatted(RED_PX, GREEN_PX, top=top, left=left)[None])
+        assert torch.allclose(anchor.correct(moved, torch.tensor([3])), want, atol=1e-5)
+
+
+def test_the_template_acts_only_at_its_levels_and_resumes_from_its_state():
+    anchor = template_anchor(strength=0.5, min_level=2, reference_tick=4)
+    anchor.observe(encode_blocks(hatted(RED_PX, GREEN_PX, 4, 4)[None])[:, :, 0], tick=3)  # cell-aligned: decoded exactly
+    assert anchor.patches is None
+    x0 = torch.cat([encode_blocks(hatted(BLUE_PX, GREEN_PX, 16, 12)[None])] * 2, 2)
+    assert anchor.correct(x0, torch.tensor([2, 1])) is x0  # no reference yet
+    anchor.observe(encode_blocks(hatted(RED_PX, GREEN_PX, 4, 4)[None])[:, :, 0], tick=4)  # cell-aligned: decoded exactly
+    out = anchor.correct(x0, torch.tensor([2, 1]))
+    want = (x0[:, :, :1] + encode_blocks(hatted(RED_PX, GREEN_PX, 16, 12)[None])) / 2
+    assert torch.allclose(out[:, :, :1], want, atol=1e-5) and torch.equal(out[:, :, 1], x0[:, :, 1])
+    resumed = template_anchor(strength=0.5, min_level=2, reference_tick=4)
+    resumed.load_state_dict(anchor.state_dict())
+    assert torch.equal(resumed.correct(x0, torch.tensor([2, 1])), out)
+
+
+def test_a_reference_without_a_subject_is_refused():
+    with pytest.raises(ValueError, match="shows no subject"):
+        template_anchor().take_image(np.full((32, 32, 3), 120, np.uint8))
