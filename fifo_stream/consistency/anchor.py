@@ -13,6 +13,9 @@ per-channel median of its row (so a vertical gradient is background too), as cla
 attention restricts itself to the subject). Only the subject's colors are moved, not its place,
 so the video keeps moving. The DDIM step then re-derives its noise estimate from the corrected
 x0 (:func:`~fifo_stream.sampling.ddim.ddim_step`'s ``correct_x0``).
+
+With ``mode: template`` (:class:`TemplateAnchor`) the subject's cells themselves take the
+reference object's, which band means cannot tell from a mixture of hat and body cells.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..errors import FifoStreamError
 
 
 def subject_mask(z: torch.Tensor) -> torch.Tensor:
@@ -92,10 +97,21 @@ class SubjectAnchor:
         self.reference = state["reference"]
 
 
-def medoid(z: torch.Tensor, bands: int) -> torch.Tensor:
-    """The frame of ``z`` (n, c, h, w) whose subject band means are closest to the others': (1, c, h, w)."""
-    flat = band_means(z, subject_mask(z), bands)[0].flatten(1)
-    return z[torch.cdist(flat, flat).sum(1).argmin()][None]
+def aligned_medoid(images: np.ndarray) -> int:
+    """Index of the image in ``images`` (n, H, W, 3) whose subject differs least from the others',
+    each pair compared with the subjects' centroids aligned (pixels under either subject)."""
+    masks = [object_parts(img, 1) >= 0 for img in images]
+    centroids = [np.argwhere(m).mean(0).round().astype(int) if m.any() else np.zeros(2, int) for m in masks]
+    img = images.astype(np.float32)
+    cost = np.zeros(len(images))
+    for i in range(len(images)):
+        for j in range(len(images)):
+            if i != j:
+                dy, dx = centroids[j] - centroids[i]
+                moved, moved_mask = np.roll(img[i], (dy, dx), (0, 1)), np.roll(masks[i], (dy, dx), (0, 1))
+                under = moved_mask | masks[j]
+                cost[i] += np.linalg.norm(moved[under] - img[j][under], axis=-1).mean() if under.any() else 0.0
+    return int(cost.argmin())
 
 
 def row_background(z: torch.Tensor) -> torch.Tensor:
@@ -163,7 +179,7 @@ class TemplateAnchor:
         """Build the patches from a reference ``image`` (H, W, 3) uint8 at the video size."""
         labels = object_parts(image, self.parts)
         if (labels < 0).all():
-            raise ValueError("the reference shows no subject: every pixel is like its row's")
+            raise FifoStreamError("consistency.anchor: the reference shows no subject (every pixel is like its row's); give a reference whose subject stands out from its background, or use mode=bands")
         (H, W), f = labels.shape, self.factor
         ys, xs = np.nonzero(labels >= 0)
         y0, x0, bh, bw = ys.min(), xs.min(), ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
@@ -186,17 +202,15 @@ class TemplateAnchor:
         self.patches = latents[:, :, r : r + ph, c : c + pw].float().cpu().clone()
         self.part_coverage = torch.from_numpy(np.stack(covers)[..., r : r + ph, c : c + pw]).float()
 
-    def take_latent(self, z: torch.Tensor) -> None:
-        """Build the patches from a clean latent frame ``z`` (1, c, h, w), decoded."""
-        self.take_image(self.decode(z[:, :, None])[0, 0].numpy())
-
     def observe(self, latent: torch.Tensor, tick: int) -> None:
         if self.patches is None and tick == self.reference_tick:
-            self.take_latent(latent)
+            self.take_image(self.decode(latent[:, :, None])[0, 0].numpy())
 
     def take_reference(self, z: torch.Tensor) -> None:
-        """Build the patches from the medoid of clean latent frames ``z`` (n, c, h, w)."""
-        self.take_latent(medoid(z, 2))
+        """Build the patches from clean latent frames ``z`` (n, c, h, w), decoded: from the one whose subject
+        looks most like the others' (:func:`aligned_medoid`), so one odd frame does not decide."""
+        images = self.decode(z.transpose(0, 1)[None])[0].numpy()
+        self.take_image(images[aligned_medoid(images)])
 
     def correct(self, x0: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         chosen = (levels.to(x0.device) >= self.min_level).nonzero().flatten()

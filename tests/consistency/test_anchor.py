@@ -190,6 +190,17 @@ def test_the_template_acts_only_at_its_levels_and_resumes_from_its_state():
     assert torch.equal(resumed.correct(x0, torch.tensor([2, 1])), out)
 
 
+def test_start_frames_give_the_template_of_the_subject_most_like_the_others():
+    places = ((4, 4), (8, 12), (16, 8), (12, 16))  # cell-aligned: decoded exactly
+    colors = [(BLUE_PX, YELLOW_PX)] + [(RED_PX, GREEN_PX)] * 3  # frame 0 alone shows other colors
+    frames = torch.cat([encode_blocks(hatted(*c, *p)[None]) for c, p in zip(colors, places)], 2)[0].transpose(0, 1)
+    anchor = template_anchor()
+    anchor.take_reference(frames)
+    direct = template_anchor()
+    direct.take_image(hatted(RED_PX, GREEN_PX, 4, 4))
+    assert torch.allclose(anchor.patches, direct.patches, atol=1e-6)
+
+
 def test_a_reference_without_a_subject_is_refused():
-    with pytest.raises(ValueError, match="shows no subject"):
+    with pytest.raises(FifoStreamError, match="shows no subject"):
         template_anchor().take_image(np.full((32, 32, 3), 120, np.uint8))

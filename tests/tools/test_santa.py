@@ -34,7 +34,7 @@ def test_each_setting_turns_on_only_its_own_controls_whatever_the_config_turns_o
                              ("anchor", cfg.consistency.anchor.enabled), ("shared", cfg.consistency.shared_noise > 0),
                              ("tail", cfg.sampling.tail_noise != "iid")) if v}
         want = {"plain": set(), "qcache": {"qcache"}, "bank+qcache": {"bank", "qcache"}, "recommended": {"qcache", "bank", "anchor", "shared", "tail"}}
-        kind = next((k for k in ("bank", "shared", "anchor") if name.startswith(k)), "tail")
+        kind = next((k for prefix, k in (("bank", "bank"), ("shared", "shared"), ("anchor", "anchor"), ("template", "anchor")) if name.startswith(prefix)), "tail")
         assert on == want.get(name, {kind}), name
     assert load_config("tiny-random", santa.SETTINGS["shared-0.5"]).consistency.shared_noise == 0.5
 
@@ -128,3 +128,18 @@ def test_a_rerun_with_other_options_is_refused_and_unknown_prompt_words_before_a
         # the embedded model (a word vocabulary; tiny-random's BPE takes any word): refused at load, before any cell
         santa.main(["--out", str(fresh), "--seeds", "1", "--frames", "2", "--settings", "plain", "--prompt", "a circle moves right on a zebra background"])
     assert not (fresh / "cells").exists()
+
+
+def test_the_template_anchor_holds_a_reference_image_whose_colors_the_prompt_leaves_open():
+    """#20's reference-image scene on the world v2 candidate (the embedded model names every color):
+    the reference's yellow body and red hat in >= 90% of the frames, and without the anchor the seed's own."""
+    from fifo_stream.config import load_config
+    from fifo_stream.models.loading import load_model
+
+    config = str(ROOT / "models" / "tiny-full-attention.yaml")
+    model = load_model(load_config(config), str(ROOT / "models" / "candidates" / "tiny-shapes-v2-area-hats.safetensors"))
+    text, reference = "a circle moves right on a black background", ("yellow", "red")
+    held = santa.run_cell(model, load_config(config, santa.SETTINGS["template"]), text, 64, 0, reference)
+    assert held["reference_match"] >= 0.9 and held["speed"] > 0.5  # held, and still moving
+    free = santa.run_cell(model, load_config(config, santa.SETTINGS["plain"]), text, 64, 0, reference)
+    assert free["reference_match"] < 0.5
