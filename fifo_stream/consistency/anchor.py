@@ -171,10 +171,6 @@ class TemplateAnchor:
         self.patches: torch.Tensor | None = None  # (O, c, ph, pw) latent patches, one per sub-cell offset
         self.part_coverage: torch.Tensor | None = None  # (O, parts, ph, pw) each part's fraction of each patch cell
 
-    @property
-    def reference(self):
-        return self.patches
-
     def take_image(self, image: np.ndarray) -> None:
         """Build the patches from a reference ``image`` (H, W, 3) uint8 at the video size."""
         labels = object_parts(image, self.parts)
