@@ -44,6 +44,7 @@ BAD = {
     "consistency.anchor.strength=2": "consistency.anchor.strength=2.0",
     "consistency.anchor.min_level=-1": "consistency.anchor.min_level=-1",
     "consistency.anchor.bands=0": "a positive integer",
+    "consistency.anchor.mode=cells": "consistency.anchor.mode='cells'",
     "consistency.anchor.reference=-1": "consistency.anchor.reference=-1",
     "video.fps=0": "video.fps=0 is invalid: it must be a positive integer",
     "video.width=100": "video.width=100 is invalid: it must be a positive multiple of 16",
