@@ -166,10 +166,10 @@ class FrameStream:
             raise FifoStreamError(f"consistency.anchor.min_level={a.min_level} corrects no level: these settings have {self.settings.steps} (use 0 to {self.settings.steps - 1})")
         given = a.reference == "start" or self.reference_image is not None  # take_reference() in start()
         tick = None if given else self.skip + a.reference
+        m = self.model
         if a.mode == "template":
-            m = self.model
             return TemplateAnchor(a.strength, a.min_level, tick, m.encode, m.decode, m.spatial_factor, m.upscale)
-        return SubjectAnchor(a.strength, a.min_level, a.bands, tick)
+        return SubjectAnchor(a.strength, a.min_level, a.bands, tick, m.encode)
 
     def close(self) -> None:
         """Uninstall the consistency controls from the (shared) model."""
@@ -190,11 +190,8 @@ class FrameStream:
         noise = torch.randn((b, c, self.settings.frames, h, w), generator=g, device=self.model.device)
         anchor = self.engine.anchor
         anchor_takes = anchor is not None and anchor.reference_tick is None
-        reference = None
-        if self.reference_image is not None and (self.refbank is not None or (anchor_takes and isinstance(anchor, SubjectAnchor))):
-            reference = self.model.encode(self.reference_image[None])  # (1, c, 1, h, w)
-        if reference is not None and self.refbank is not None:
-            self._record_reference(reference)
+        if self.reference_image is not None and self.refbank is not None:
+            self._record_reference(self.model.encode(self.reference_image[None]))  # (1, c, 1, h, w)
         x0, strength = None, 1.0
         if self.start_clip is not None:  # an image is repeated over the window; a video's f frames are the window
             x0 = self.model.encode(self.start_clip.frames).expand(-1, -1, self.settings.frames, -1, -1).contiguous()
@@ -205,10 +202,10 @@ class FrameStream:
         )
         continues = self.start_clip is not None and self.start_clip.continues
         clip = distributed.broadcast_(clip)  # rank 0's clip: identical queues on every rank
-        if anchor_takes and isinstance(anchor, TemplateAnchor) and self.reference_image is not None:
+        if anchor_takes and self.reference_image is not None:
             anchor.take_image(self.reference_image)
         elif anchor_takes:
-            anchor.take_reference(reference[:, :, 0] if reference is not None else clip[0].transpose(0, 1))
+            anchor.take_reference(clip[0].transpose(0, 1))
         self.engine.start_from_clip(clip, continues)
 
     def _record_reference(self, z: torch.Tensor) -> None:

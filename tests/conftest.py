@@ -9,6 +9,11 @@ FIXTURES = Path(os.environ.get("FIFO_STREAM_FIXTURES", ROOT.parent / "shared" / 
 # Commands run without --config use the fast random-weight model; tests of the embedded
 # default model (tests/test_tiny_model.py) name it or clear this.
 os.environ["FIFO_STREAM_CONFIG"] = "tiny-random"
+# Under pytest-xdist (README's `-n 2`) each worker, and every process it starts, computes on one
+# thread: two workers fill the two cores without oversubscribing them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def load_fixture(name: str):

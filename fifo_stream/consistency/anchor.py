@@ -59,11 +59,13 @@ class SubjectAnchor:
 
     ``min_level``: levels at or above this index are corrected (0: all); ``reference_tick``: the
     engine tick whose emitted latent is the reference, or None when the caller gives the reference
-    frames (:meth:`take_reference`: the clip the queue starts from, or the user's image).
+    (:meth:`take_reference`: the clip the queue starts from; :meth:`take_image`: the user's image,
+    through the model's ``encode``).
     """
 
-    def __init__(self, strength: float, min_level: int, bands: int, reference_tick: int | None):
+    def __init__(self, strength: float, min_level: int, bands: int, reference_tick: int | None, encode=None):
         self.strength, self.min_level, self.bands, self.reference_tick = float(strength), int(min_level), int(bands), reference_tick
+        self.encode = encode
         self.reference: torch.Tensor | None = None  # (1, B, c)
 
     def observe(self, latent: torch.Tensor, tick: int) -> None:
@@ -77,6 +79,10 @@ class SubjectAnchor:
         means = band_means(z, subject_mask(z), self.bands)[0]  # (n, B, c)
         flat = means.flatten(1)
         self.reference = means[torch.cdist(flat, flat).sum(1).argmin()][None].clone()
+
+    def take_image(self, image: np.ndarray) -> None:
+        """Take the reference from an image (H, W, 3) uint8 at the video size."""
+        self.take_reference(self.encode(image[None])[:, :, 0])
 
     def correct(self, x0: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """``x0`` (1, c, F, h, w) of frames at ``levels`` (F,), the chosen ones moved to the reference."""
@@ -170,6 +176,7 @@ class TemplateAnchor:
         self.encode, self.decode, self.factor, self.step, self.parts = encode, decode, int(factor), int(step), int(parts)
         self.patches: torch.Tensor | None = None  # (O, c, ph, pw) latent patches, one per sub-cell offset
         self.part_coverage: torch.Tensor | None = None  # (O, parts, ph, pw) each part's fraction of each patch cell
+        self.gram_inverse: torch.Tensor | None = None  # (O, parts, parts) inverse Gram matrices of the part coverages
 
     def take_image(self, image: np.ndarray) -> None:
         """Build the patches from a reference ``image`` (H, W, 3) uint8 at the video size."""
@@ -195,8 +202,8 @@ class TemplateAnchor:
                 covers.append(np.stack([(placed == k).reshape(H // f, f, W // f, f).mean(axis=(1, 3)) for k in range(self.parts)]))
         latents = self.encode(np.stack(frames))[0].transpose(0, 1)  # (O, c, h, w)
         r, c = top // f, left // f
-        self.patches = latents[:, :, r : r + ph, c : c + pw].float().cpu().clone()
-        self.part_coverage = torch.from_numpy(np.stack(covers)[..., r : r + ph, c : c + pw]).float()
+        self.load_state_dict({"patches": latents[:, :, r : r + ph, c : c + pw].float().cpu().clone(),
+                              "part_coverage": torch.from_numpy(np.stack(covers)[..., r : r + ph, c : c + pw]).float()})
 
     def observe(self, latent: torch.Tensor, tick: int) -> None:
         if self.patches is None and tick == self.reference_tick:
@@ -219,8 +226,7 @@ class TemplateAnchor:
         # channel); the explained energy r^T G^-1 r, G the parts' Gram matrix, ranks the placements.
         d = z - row_background(z)
         r = F.conv2d(d.reshape(n * c, 1, h, w), parts.reshape(O * k, 1, ph, pw)).view(n, c, O, k, -1)
-        gram = torch.einsum("oiyx,ojyx->oij", parts, parts) + 1e-6 * torch.eye(k, device=z.device, dtype=z.dtype)
-        explained = torch.einsum("ncoil,oij,ncojl->nol", r, torch.linalg.inv(gram), r)  # (n, O, L)
+        explained = torch.einsum("ncoil,oij,ncojl->nol", r, self.gram_inverse.to(z), r)  # (n, O, L)
         sh, sw = h - ph + 1, w - pw + 1
         best = explained.flatten(1).argmax(1).tolist()
         touched = (parts.sum(1) > 0).to(z)  # the cells the object touches: the patch holds their mix with the background
@@ -238,3 +244,7 @@ class TemplateAnchor:
 
     def load_state_dict(self, state: dict) -> None:
         self.patches, self.part_coverage = state["patches"], state["part_coverage"]
+        if self.part_coverage is not None:
+            parts = self.part_coverage.double()
+            gram = torch.einsum("oiyx,ojyx->oij", parts, parts) + 1e-6 * torch.eye(parts.shape[1], dtype=parts.dtype)
+            self.gram_inverse = torch.linalg.inv(gram).float()
