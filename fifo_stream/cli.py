@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--init-image", metavar="PATH", help="start the video from this image (PNG, JPEG, WebP; an animated image's first frame)")
     start.add_argument("--init-video", metavar="PATH", help="continue this video: its last frames (one window) start the generation")
     gen.add_argument("--init-strength", type=float, metavar="S",
-                     help="how far the init footage is noised before denoising, 0..1 (default 0.7 for an image, 0 for a video)")
+                     help="how far the init footage is noised before denoising, 0..1 (default 0.8 for an image, 0 for a video)")
     gen.add_argument("--fit", choices=FIT_MODES, default="crop", help="fit footage to the video size: crop (default), pad or stretch")
     gen.add_argument("--pad-short", action="store_true", help="an init video shorter than one window repeats its last frame")
     gen.add_argument("--keep-input", action="store_true",

@@ -21,7 +21,7 @@ from fifo_stream.outputs.png import PngSink
 from fifo_stream.pipeline import FrameStream, StartClip
 from fifo_stream.runs.inputs import DEFAULT_STRENGTH
 
-SIZE = 32  # the embedded model's frames; it shows them at 64x64
+SIZE = 32  # the embedded model's frames; it shows them at 64x64; its world is v2 (open_identity: hats)
 
 
 def shown(frames):
@@ -52,7 +52,7 @@ def frames_of(model, prompt, n, seed=0, **kw):
 
 def test_an_init_image_starts_the_video(model):
     prompt = "a magenta square moves left on a white background"
-    scene = world.scene_from_caption(prompt, SIZE, seed=1)
+    scene = world.scene_from_caption(prompt, SIZE, seed=1, open_identity=True)
     image = shown(world.render(scene, SIZE, 1))[0]
     background = shown(world.background_image("white", SIZE))
     frames = frames_of(model, prompt, 8, start=StartClip(image[None], DEFAULT_STRENGTH["init_image"]))
@@ -62,7 +62,7 @@ def test_an_init_image_starts_the_video(model):
 
 def test_an_init_video_is_continued_where_it_ends(model):
     prompt = "a cyan circle moves right on a black background"
-    scene = world.scene_from_caption(prompt, SIZE, seed=8)  # moving right over its last 12 frames, no bounce
+    scene = world.scene_from_caption(prompt, SIZE, seed=8, open_identity=True)  # moving right over its last 12 frames, no bounce
     clip = shown(world.render(scene, SIZE, 32))
     background = shown(world.background_image("black", SIZE))
     f = model[1].frames_per_window
@@ -82,7 +82,7 @@ def test_a_reference_image_fills_the_bank_before_the_first_frame(model):
     cfg, m = model
     run_cfg = load_config("tiny", ["consistency.refbank.enabled=true", "consistency.refbank.mode=replace", "consistency.refbank.dtype=fp32"])
     prompt = "a red circle moves right on a black background"
-    reference = shown(world.render(world.scene_from_caption("a blue square moves left on a black background", SIZE, 5), SIZE, 1))[0]
+    reference = shown(world.render(world.scene_from_caption("a blue square moves left on a black background", SIZE, 5, open_identity=True), SIZE, 1))[0]
     stream = FrameStream(m, run_cfg, prompt, seed=0, reference_image=reference)
     try:
         stream.start()
@@ -106,7 +106,7 @@ def cli(*args, env=None):
 @pytest.fixture(scope="module")
 def footage(tmp_path_factory):
     d = tmp_path_factory.mktemp("footage")
-    scene = world.scene_from_caption("a red circle moves right on a black background", SIZE, 3)
+    scene = world.scene_from_caption("a red circle moves right on a black background", SIZE, 3, open_identity=True)
     with PngSink(d / "png") as sink:
         sink.write(shown(world.render(scene, SIZE, 1))[0])
     shutil.move(d / "png" / "000000.png", d / "image.png")
@@ -159,7 +159,7 @@ def test_kill_and_resume_with_footage_is_exact_and_a_changed_input_is_refused(tm
 
 def test_a_short_video_is_padded_on_request(tmp_path):
     with FileSink(tmp_path / "short.mp4", 64, 64, 8) as sink:
-        for frame in shown(world.render(world.scene_from_caption("a red circle moves right on a black background", SIZE, 3), SIZE, 3)):
+        for frame in shown(world.render(world.scene_from_caption("a red circle moves right on a black background", SIZE, 3, open_identity=True), SIZE, 3)):
             sink.write(frame)
     args = ["generate", "a red circle moves right on a black background", "--config", "tiny", "--frames", "2", "--quiet",
             "--init-video", str(tmp_path / "short.mp4"), "--out", str(tmp_path / "o.mp4"), "--run-dir", str(tmp_path / "r")]

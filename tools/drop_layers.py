@@ -1,6 +1,6 @@
 """Fit exported weights to a U-Net with fewer layers by dropping the layers it lacks.
 
-    python tools/drop_layers.py --config tiny OLD.safetensors NEW.safetensors   # OLD: trained with models/tiny-full-attention.yaml
+    python tools/drop_layers.py --config models/tiny-cheap-unet.yaml OLD.safetensors NEW.safetensors   # OLD: trained with configs/tiny.yaml
 
 The start of a fine-tune to a cheaper architecture (tools/train.py --init NEW.safetensors): every
 U-Net weight the new architecture has is kept, with its name and shape; the weights of layers it

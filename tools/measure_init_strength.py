@@ -43,7 +43,7 @@ def main() -> None:
     for strength in args.strengths:
         accuracy, distance, moved = [], [], []
         for prompt, seed in CASES:
-            scene = world.scene_from_caption(prompt, 32, seed)
+            scene = world.scene_from_caption(prompt, 32, seed, open_identity=True)  # the embedded model's world (v2: hats)
             image, background = shown(world.render(scene, 32, 1))[0], shown(world.background_image(scene.background, 32))
             stream = FrameStream(model, cfg, prompt, seed=seed, start=StartClip(image[None], strength))
             frames = [next(stream) for _ in range(16)]

@@ -19,7 +19,7 @@ from .rundir import RunSpec
 ROLES = {"init_image": "init image", "init_video": "init video", "reference": "reference image"}
 # SDEdit strength of an init image when none is given (chosen on the embedded model: see README);
 # a video's frames are used as they are.
-DEFAULT_STRENGTH = {"init_image": 0.7, "init_video": 0.0}
+DEFAULT_STRENGTH = {"init_image": 0.8, "init_video": 0.0}
 
 
 def record_inputs(paths: dict[str, str | None]) -> dict[str, dict]:
