@@ -3,7 +3,7 @@
     python tools/santa.py --out runs/santa --seeds 10 --frames 2000
     python tools/santa.py --out runs/santa-quick --seeds 4 --frames 512 --settings plain,bank,bank+qcache
     python tools/santa.py --out runs/santa-story --storyboard --settings plain,recommended
-    python tools/santa.py --ckpt runs/v2/tiny-shapes.safetensors ...   # a world v2 model (see models/tiny-shapes.md)
+    python tools/santa.py --ckpt runs/v2/tiny-shapes.safetensors ...   # other world v2 weights (see models/tiny-shapes.md)
     python tools/santa.py --windows 16 --ckpt ...   # first: does the model keep them within one window?
     python tools/santa.py --extend 8 --frames 64 --settings plain,bank --ckpt ...   # and past the end of a clip?
     python tools/santa.py --reference yellow,red --settings plain,anchor --ckpt ...   # the user's image as the identity
@@ -17,7 +17,8 @@ encode); ``tools/eval_consistency.py`` computes retention, changes per 1,000 fra
 held >= 4 frames) and frames until the first change for each open attribute.
 
 ``--storyboard`` runs three scenes that never name the color (direction and background change
-at frames 600 and 1,200; use --frames 1800 or more) to measure identity across scene changes.
+at frames 600 and 1,200; use --frames 1800 or more) to measure identity across scene changes; each
+cell also reports, per scene, the fraction of its frames that show the background it names.
 
 ``--windows N`` checks the model first: N plain DDIM clips of one window (every frame at one
 noise level, no FIFO), the color left open. Controls that carry identity from window to window
@@ -119,6 +120,18 @@ def reference_image(text: str, seed: int, colors: tuple[str, str], size: int) ->
     return world.render(dataclasses.replace(scene, objects=(obj,)), size, 1)[0]
 
 
+def scene_following(video: list[np.ndarray], story: Storyboard) -> list[dict]:
+    """Per scene: the fraction of its frames showing the background it names. (Its direction is not
+    scored: objects bounce off the borders, so a frame's motion may rightly oppose the caption's.)"""
+    out = []
+    for j, scene in enumerate(story.scenes):
+        frames = video[scene.frame : story.scenes[j + 1].frame if j + 1 < len(story.scenes) else len(video)]
+        if frames:
+            background = world.parse_caption(scene.prompt)[1]
+            out.append({"frame": scene.frame, "prompt": scene.prompt, "background": float(np.mean([world.read_background(f) == background for f in frames]))})
+    return out
+
+
 def run_cell(model, cfg, text: str | list[str], frames: int, seed: int, reference: tuple[str, str] | None = None) -> dict:
     """Generate one video and score it (per-frame readings kept for the plot); with ``reference``
     (body, hat) the controls hold a rendered reference image and the report says how many frames show it."""
@@ -137,6 +150,7 @@ def run_cell(model, cfg, text: str | list[str], frames: int, seed: int, referenc
         report["reference_match"] = float(np.mean([r[0] == reference[0] and r[2] == reference[1] for r in report["per_frame"]["readings"]]))
     if not isinstance(text, str):  # later scenes name other directions and backgrounds, never the color
         report["storyboard"] = text
+        report["scenes"] = scene_following(video, story)
     report["s_per_frame"] = seconds / frames
     report["seed"] = seed
     return report
@@ -218,6 +232,10 @@ def summarize(cells: dict[str, list[dict]]) -> dict:
         row["flicker"] = float(np.mean([r["flicker"] for r in reports]))
         row["speed"] = float(np.mean([r["speed"] for r in reports]))
         row["s_per_frame"] = float(np.mean([r["s_per_frame"] for r in reports]))
+        if "scenes" in reports[0]:
+            scenes = [sc for r in reports for sc in r["scenes"]]
+            row["scene_background"] = float(np.mean([sc["background"] for sc in scenes]))
+            row["scene_background_worst"] = float(min(sc["background"] for sc in scenes))
         if "reference_match" in reports[0]:
             row["reference_match"] = float(np.mean([r["reference_match"] for r in reports]))
             row["reference_match_worst"] = float(min(r["reference_match"] for r in reports))
@@ -235,6 +253,9 @@ def table(summary: dict) -> str:
             f"{r['color_changes_per_1000']:.2f} | {r['hat_retention']:.3f} / {r['hat_retention_worst']:.3f} | {r['hat_changes_per_1000']:.2f} | "
             f"{r['color_kept_all']} / {r['hat_kept_all']} | {r['shape_accuracy']:.3f} | {r['flicker']:.3f} | {r['speed']:.2f} | {r['s_per_frame']:.3f} |"
         )
+    scenes = [f"| {name} | {r['scene_background']:.3f} / {r['scene_background_worst']:.3f} |" for name, r in summary.items() if "scene_background" in r]
+    if scenes:
+        lines += ["", "| setting | scene frames showing the scene's background (mean / worst scene) |", "| --- | --- |", *scenes]
     matches = [f"| {name} | {r['reference_match']:.3f} / {r['reference_match_worst']:.3f} |" for name, r in summary.items() if "reference_match" in r]
     if matches:
         lines += ["", "| setting | frames showing the reference's body and hat (mean / worst) |", "| --- | --- |", *matches]

@@ -166,7 +166,9 @@ class TemplateAnchor:
     located by its layout, whatever its colors: the offset and cell position where the frame's cells
     are best explained as the background plus each part's coverage times a free color (least
     squares). The cells there that the object touches move by ``strength * (patch - cells)``, so hat and
-    body keep their own colors and place, which band means mix. ``encode``/``decode`` are the
+    body keep their own colors and place, which band means mix. A touched cell's part not covered by the
+    object shows the frame's background, not the reference's: the patch moves by that fraction of the
+    difference of the two row backgrounds (exact for a linear codec), so a storyboard may change the background. ``encode``/``decode`` are the
     model's (uint8 frames at the video size <-> latents), ``factor`` its pixels per latent cell and
     ``step`` the offsets' spacing in pixels; the rest as :class:`SubjectAnchor`.
     """
@@ -177,6 +179,7 @@ class TemplateAnchor:
         self.patches: torch.Tensor | None = None  # (O, c, ph, pw) latent patches, one per sub-cell offset
         self.part_coverage: torch.Tensor | None = None  # (O, parts, ph, pw) each part's fraction of each patch cell
         self.gram_inverse: torch.Tensor | None = None  # (O, parts, parts) inverse Gram matrices of the part coverages
+        self.background: torch.Tensor | None = None  # (O, c, ph, 1) the reference's row backgrounds behind the patches
 
     def take_image(self, image: np.ndarray) -> None:
         """Build the patches from a reference ``image`` (H, W, 3) uint8 at the video size."""
@@ -203,7 +206,8 @@ class TemplateAnchor:
         latents = self.encode(np.stack(frames))[0].transpose(0, 1)  # (O, c, h, w)
         r, c = top // f, left // f
         self.load_state_dict({"patches": latents[:, :, r : r + ph, c : c + pw].float().cpu().clone(),
-                              "part_coverage": torch.from_numpy(np.stack(covers)[..., r : r + ph, c : c + pw]).float()})
+                              "part_coverage": torch.from_numpy(np.stack(covers)[..., r : r + ph, c : c + pw]).float(),
+                              "background": row_background(latents.float())[:, :, r : r + ph].cpu().clone()})
 
     def observe(self, latent: torch.Tensor, tick: int) -> None:
         if self.patches is None and tick == self.reference_tick:
@@ -224,26 +228,32 @@ class TemplateAnchor:
         (n, c, h, w), (O, k, ph, pw) = z.shape, parts.shape
         # Least squares per placement: cells - background ~ sum_j parts_j * color_j (colors free, per
         # channel); the explained energy r^T G^-1 r, G the parts' Gram matrix, ranks the placements.
-        d = z - row_background(z)
+        background = row_background(z)
+        d = z - background
         r = F.conv2d(d.reshape(n * c, 1, h, w), parts.reshape(O * k, 1, ph, pw)).view(n, c, O, k, -1)
         explained = torch.einsum("ncoil,oij,ncojl->nol", r, self.gram_inverse.to(z), r)  # (n, O, L)
         sh, sw = h - ph + 1, w - pw + 1
         best = explained.flatten(1).argmax(1).tolist()
-        touched = (parts.sum(1) > 0).to(z)  # the cells the object touches: the patch holds their mix with the background
+        covered = parts.sum(1, keepdim=True)  # (O, 1, ph, pw) the object's fraction of each patch cell
+        touched = (covered > 0).to(z)  # the cells the object touches: the patch holds their mix with the background
         out = x0.clone()
         for i, index in enumerate(best):
             o, y, x = index // (sh * sw), index % (sh * sw) // sw, index % sw
+            target = patches[o]
+            if self.background is not None:
+                target = target + (1 - covered[o]) * (background[i, :, y : y + ph] - self.background[o].to(z))
             region = z[i, :, y : y + ph, x : x + pw]
-            z[i, :, y : y + ph, x : x + pw] = region + self.strength * touched[o] * (patches[o] - region)
+            z[i, :, y : y + ph, x : x + pw] = region + self.strength * touched[o] * (target - region)
         out[0, :, chosen] = z.transpose(0, 1).to(out.dtype)
         return out
 
     def state_dict(self) -> dict:
-        none = self.patches is None
-        return {"patches": None if none else self.patches.clone(), "part_coverage": None if none else self.part_coverage.clone()}
+        return {k: None if v is None else v.clone() for k, v in
+                (("patches", self.patches), ("part_coverage", self.part_coverage), ("background", self.background))}
 
     def load_state_dict(self, state: dict) -> None:
-        self.patches, self.part_coverage = state["patches"], state["part_coverage"]
+        # a checkpoint from before the background shift has none: it resumes as it ran
+        self.patches, self.part_coverage, self.background = state["patches"], state["part_coverage"], state.get("background")
         if self.part_coverage is not None:
             parts = self.part_coverage.double()
             gram = torch.einsum("oiyx,ojyx->oij", parts, parts) + 1e-6 * torch.eye(parts.shape[1], dtype=parts.dtype)

@@ -9,7 +9,7 @@ small grammar: ``"a red circle moves left on a black background"``, or for two o
 black background"``) and every object wears a hat of another palette color that no caption names.
 """
 
-from .reader import Reading, centroid, classify_frame, foreground_mask, read_frame
+from .reader import Reading, centroid, classify_frame, foreground_mask, read_background, read_frame
 from .scenes import (
     SHAPES,
     COLORS,

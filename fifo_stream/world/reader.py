@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .scenes import COLORS, HAT_DEPTH
+from .scenes import BACKGROUNDS, COLORS, HAT_DEPTH
 
 
 # Smallest hat, as a fraction of the body's pixels: a hat holds half the body's area; an encoder's
@@ -61,6 +61,13 @@ def read_frame(frame: np.ndarray, threshold: float = 40.0) -> Reading:
     tapers = widths[:half].sum() < 0.6 * widths[len(widths) - half :].sum()
     shape = "square" if full >= 0.75 else "triangle" if tapers else "circle"
     return Reading(names[color_index], shape, None if hat_index is None else names[hat_index])
+
+
+def read_background(frame: np.ndarray) -> str:
+    """The named background closest to the frame's top and bottom rows' median colors."""
+    rgb = np.asarray(frame, dtype=np.float32)
+    seen = np.stack([np.median(rgb[: max(1, len(rgb) // 8)].reshape(-1, 3), axis=0), np.median(rgb[-max(1, len(rgb) // 8) :].reshape(-1, 3), axis=0)])
+    return min(BACKGROUNDS, key=lambda name: float(np.abs(seen - np.asarray(BACKGROUNDS[name], np.float32)).sum()))
 
 
 def foreground_mask(frame: np.ndarray, threshold: float = 40.0) -> np.ndarray:

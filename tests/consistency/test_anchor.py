@@ -139,9 +139,9 @@ def decode_blocks(z: torch.Tensor) -> torch.Tensor:
     return ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)[None]
 
 
-def hatted(body, hat, top: int, left: int, size: int = 32) -> np.ndarray:
-    """A (size, size, 3) image: a 12 x 12 square on gray, its top 4 rows the ``hat`` color."""
-    image = np.full((size, size, 3), 120, np.uint8)
+def hatted(body, hat, top: int, left: int, size: int = 32, background=120) -> np.ndarray:
+    """A (size, size, 3) image: a 12 x 12 square on ``background`` (gray), its top 4 rows the ``hat`` color."""
+    image = np.full((size, size, 3), background, np.uint8)
     image[top : top + 12, left : left + 12] = body
     image[top : top + 4, left : left + 12] = hat
     return image
@@ -173,6 +173,22 @@ def test_a_subject_between_cells_takes_the_template_of_its_offset():
         moved = encode_blocks(hatted(RED_PX, (215, 50, 210), top=top, left=left)[None])  # a magenta hat
         want = encode_blocks(hatted(RED_PX, GREEN_PX, top=top, left=left)[None])
         assert torch.allclose(anchor.correct(moved, torch.tensor([3])), want, atol=1e-5)
+
+
+def test_cells_the_subject_shares_with_a_new_background_show_that_background():
+    """A storyboard's background change: the cells the object half covers mix it with today's background."""
+    anchor = template_anchor()
+    anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))  # on gray
+    for background in ((235, 235, 235), (20, 20, 20)):
+        moved = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=13, left=9, background=background)[None])
+        want = encode_blocks(hatted(RED_PX, GREEN_PX, top=13, left=9, background=background)[None])
+        assert torch.allclose(anchor.correct(moved, torch.tensor([0])), want, atol=1e-5)
+    old = template_anchor()  # a checkpoint from before the shift: the reference's own background, as it ran then
+    old.load_state_dict({k: v for k, v in anchor.state_dict().items() if k != "background"})
+    gray_edges = encode_blocks(hatted(RED_PX, GREEN_PX, top=13, left=9)[None])
+    on_white = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=13, left=9, background=(235, 235, 235))[None])
+    touched = (gray_edges != encode_blocks(np.full((32, 32, 3), 120, np.uint8)[None])).any(1, keepdim=True)
+    assert torch.allclose(old.correct(on_white, torch.tensor([0]))[touched.expand_as(on_white)], gray_edges[touched.expand_as(on_white)], atol=1e-5)
 
 
 def test_the_template_acts_only_at_its_levels_and_resumes_from_its_state():
