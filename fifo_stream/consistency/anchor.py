@@ -252,7 +252,7 @@ class TemplateAnchor:
                 (("patches", self.patches), ("part_coverage", self.part_coverage), ("background", self.background))}
 
     def load_state_dict(self, state: dict) -> None:
-        # a checkpoint from before the background shift has none: it resumes as it ran
+        # a checkpoint from before the background shift has none: its run goes on without the shift
         self.patches, self.part_coverage, self.background = state["patches"], state["part_coverage"], state.get("background")
         if self.part_coverage is not None:
             parts = self.part_coverage.double()
