@@ -66,7 +66,8 @@ def read_frame(frame: np.ndarray, threshold: float = 40.0) -> Reading:
 def read_background(frame: np.ndarray) -> str:
     """The named background closest to the frame's top and bottom rows' median colors."""
     rgb = np.asarray(frame, dtype=np.float32)
-    seen = np.stack([np.median(rgb[: max(1, len(rgb) // 8)].reshape(-1, 3), axis=0), np.median(rgb[-max(1, len(rgb) // 8) :].reshape(-1, 3), axis=0)])
+    band = max(1, len(rgb) // 8)  # rows at the top and at the bottom
+    seen = np.stack([np.median(rows.reshape(-1, 3), axis=0) for rows in (rgb[:band], rgb[-band:])])
     return min(BACKGROUNDS, key=lambda name: float(np.abs(seen - np.asarray(BACKGROUNDS[name], np.float32)).sum()))
 
 
