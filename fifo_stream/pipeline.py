@@ -168,8 +168,8 @@ class FrameStream:
         tick = None if given else self.skip + a.reference
         m = self.model
         if a.mode == "template":
-            return TemplateAnchor(a.strength, a.min_level, tick, m.encode, m.decode, m.spatial_factor, m.upscale)
-        return SubjectAnchor(a.strength, a.min_level, a.bands, tick, m.encode)
+            return TemplateAnchor(a.strength, a.min_level, tick, m.encode, m.decode, m.spatial_factor, m.upscale, settle=self.settings.frames)
+        return SubjectAnchor(a.strength, a.min_level, a.bands, tick, m.encode, settle=self.settings.frames)
 
     def close(self) -> None:
         """Uninstall the consistency controls from the (shared) model."""
@@ -232,7 +232,7 @@ class FrameStream:
         """One tick of the queue (the base clip first): the latent (b, c, h, w) it emits, None in warm-up."""
         if self.engine.queue is None:
             self.start()
-        z = self.engine.step(*self._contexts())
+        z = self.engine.step(*self._contexts(), scenes=None if len(self.storyboard.scenes) == 1 else self.storyboard.slot_scenes(self._slot_frames()))
         if self.engine.tick <= self.skip:
             return None
         self.emitted += 1
@@ -255,25 +255,29 @@ class FrameStream:
         slots = self.settings.queue_length - 1 - self.settings.emit_slot  # ticks from the tail slot to emission
         return max(self.engine.tick + slots - self.skip, 1)
 
-    def plan_scene(self, frame: int, prompt: str, transition: int | None = None) -> Storyboard:
+    def plan_scene(self, frame: int, prompt: str, transition: int | None = None, anchor: str = "keep") -> Storyboard:
         """The storyboard :meth:`add_scene` would make (nothing changes); refuses what it would refuse."""
         if frame < self.live_frame:
             raise StoryboardError(f"frame {frame} is already in the queue; a prompt can start at frame {self.live_frame} or later")
         self.model.text_encoder.tokenizer([prompt])  # unknown words
-        return self.storyboard.add(frame, prompt, transition)
+        return self.storyboard.add(frame, prompt, transition, anchor)
 
-    def add_scene(self, frame: int, prompt: str, transition: int | None = None) -> None:
-        """Append a scene from emitted frame ``frame`` (>= :attr:`live_frame`) to the storyboard."""
-        storyboard = self.plan_scene(frame, prompt, transition)
+    def add_scene(self, frame: int, prompt: str, transition: int | None = None, anchor: str = "keep") -> None:
+        """Append a scene from emitted frame ``frame`` (>= :attr:`live_frame`) to the storyboard
+        (``anchor``: keep or renew the subject anchor's reference)."""
+        storyboard = self.plan_scene(frame, prompt, transition, anchor)
         context = self.model.encode_text([prompt])
         self.storyboard, self.scene_contexts = storyboard, torch.cat([self.scene_contexts, context])
+
+    def _slot_frames(self) -> torch.Tensor:
+        """The emitted frame number each queue slot becomes (below 0: warm-up)."""
+        return self.engine.slot_frames().to(self.scene_contexts.device) - self.skip
 
     def _contexts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This tick's (cond, uncond): one context, or one per queue slot (1, L, n, d) for a storyboard."""
         if len(self.storyboard.scenes) == 1:
             return self.cond, self.uncond
-        frames = self.engine.slot_frames().to(self.scene_contexts.device) - self.skip
-        cond = self.storyboard.contexts(self.scene_contexts, frames)[None]
+        cond = self.storyboard.contexts(self.scene_contexts, self._slot_frames())[None]
         return cond, self.uncond[:, None].expand(-1, cond.shape[1], -1, -1)
 
     def __iter__(self) -> Iterator[np.ndarray]:

@@ -17,7 +17,7 @@ from typing import TextIO
 
 from ..errors import FifoStreamError
 
-_LINE = re.compile(r"\s*(\d+)\s*:(.*)", re.DOTALL)
+_LINE = re.compile(r"\s*(\d+)?\s*(renew)?\s*:(.*)", re.DOTALL)
 
 
 @dataclass
@@ -25,6 +25,7 @@ class PromptRequest:
     prompt: str
     transition: int | None = None  # frames blending in from the current prompt (None: storyboard.transition)
     frame: int | None = None  # the emitted frame it starts at (None: the first frame still free)
+    anchor: str = "keep"  # keep | renew the subject anchor's reference (a prompt that names a new look)
     source: str = "web"  # web | prompts-from
     answer: Future = field(default_factory=Future)  # -> the frame it starts at, or a FifoStreamError
 
@@ -53,13 +54,15 @@ class LiveControl:
 
 
 def parse_line(line: str) -> PromptRequest | None:
-    """A ``--prompts-from`` line: 'N: text' (from frame N), 'text' (now); None for a blank line or '# comment'."""
+    """A ``--prompts-from`` line: 'N: text' (from frame N), 'text' (now), 'N renew: text' or 'renew: text'
+    (the subject anchor takes this scene's look); None for a blank line or '# comment'."""
     text = line.strip()
     if not text or text.startswith("#"):
         return None
     match = _LINE.fullmatch(text)
-    if match:
-        return PromptRequest(match[2].strip(), frame=int(match[1]), source="prompts-from")
+    if match and (match[1] or match[2]):
+        frame = None if match[1] is None else int(match[1])
+        return PromptRequest(match[3].strip(), frame=frame, anchor="renew" if match[2] else "keep", source="prompts-from")
     return PromptRequest(text, source="prompts-from")
 
 

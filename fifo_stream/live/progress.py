@@ -16,6 +16,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from ..consistency.storyboard import Scene, Storyboard
+
 PROGRESS_MODES = ("bar", "json", "none")
 FPS_WINDOW = 16  # frames over which frames/s is measured
 
@@ -66,12 +68,13 @@ class Progress:
             event = {"event": "checkpoint", "frame": self.done, "checkpoints": self.checkpoints}
         self._emit(event)
 
-    def scene(self, frame: int, prompt: str, transition: int | None, source: str) -> None:
-        """A prompt was added to the storyboard, from emitted frame ``frame``."""
+    def scene(self, scene: Scene, source: str) -> None:
+        """``scene`` was added to the storyboard."""
+        entry = Storyboard((scene,)).to_json()[0]
         with self._lock:
-            self.storyboard.append({"frame": frame, "prompt": prompt, **({} if transition is None else {"transition": transition})})
-        self._emit({"event": "prompt", "frame": frame, "prompt": prompt, "transition": transition, "source": source},
-                   f"prompt from frame {frame} ({source}): {prompt}")
+            self.storyboard.append(entry)
+        self._emit({"event": "prompt", "transition": None, "anchor": "keep", **entry, "source": source},
+                   f"prompt from frame {scene.frame} ({source}): {scene.prompt}" + (" (anchor renew)" if scene.anchor == "renew" else ""))
 
     def error(self, message: str) -> None:
         with self._lock:

@@ -256,15 +256,15 @@ class _Leader:
             frame = self.stream.live_frame if request.frame is None else request.frame
             if frame >= self.spec.frames:
                 raise FifoStreamError(f"frame {frame} is past the video's last frame ({self.spec.frames - 1})")
-            storyboard = self.stream.plan_scene(frame, request.prompt, request.transition)
+            storyboard = self.stream.plan_scene(frame, request.prompt, request.transition, request.anchor)
         except FifoStreamError as e:
             self.progress.error(f"prompt refused ({request.source}): {e}")
             request.answer.set_exception(e)
             return
         self.spec.storyboard = storyboard.to_json()
         self.run_dir.write_spec(self.spec)
-        self.stream.add_scene(frame, request.prompt, request.transition)
-        self.progress.scene(frame, request.prompt, request.transition, request.source)
+        self.stream.add_scene(frame, request.prompt, request.transition, request.anchor)
+        self.progress.scene(storyboard.scenes[-1], request.source)
         request.answer.set_result(frame)
 
     def frames(self) -> int:

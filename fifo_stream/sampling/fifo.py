@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..consistency.storyboard import SlotScenes
 from ..errors import FifoStreamError
 from ..models.attention import rows_of
 from ..runs import distributed
@@ -184,10 +185,11 @@ class FifoEngine:
     # -- ticking ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    def step(self, cond: torch.Tensor, uncond: torch.Tensor, scenes: SlotScenes | None = None) -> torch.Tensor:
         """Advance one tick and return the finished latent (b, c, h, w).
 
-        ``cond``/``uncond`` are (b, n, d), or (b, L, n, d) with one context per queue slot.
+        ``cond``/``uncond`` are (b, n, d), or (b, L, n, d) with one context per queue slot;
+        ``scenes``, the storyboard scene of each slot, for the anchor (None: one scene).
         """
         if self.queue is None:
             raise RuntimeError("start the engine (start_from_queue / start_from_clip) before stepping")
@@ -196,14 +198,14 @@ class FifoEngine:
         kwargs = self.refbank.attention_kwargs(self.layout(q.shape[0])) if self.refbank is not None else None
         if self.mode == "batched":
             head = slice(s.emit_slot, None)
-            q[:, :, head] = self._update(q[:, :, head], self._eps_batched(q, cond, uncond, kwargs)[:, :, head], noise, head)
+            q[:, :, head] = self._update(q[:, :, head], self._eps_batched(q, cond, uncond, kwargs)[:, :, head], noise, head, scenes)
         else:
-            self._sequential(q, cond, uncond, noise, kwargs)
+            self._sequential(q, cond, uncond, noise, kwargs, scenes)
         if self.refbank is not None:
             self.refbank.commit()
         out = q[:, :, s.emit_slot].clone()
         if self.anchor is not None:
-            self.anchor.observe(out, self.tick)
+            self.anchor.observe(out, self.tick, *(() if scenes is None else (int(scenes.index[s.emit_slot]), scenes.renew)))
         tail = self._mix(self.noise().to(self.device, torch.float32)[:, :, None], self.slot_timesteps[-1])[:, :, 0]
         self.queue = torch.cat([q[:, :, 1:], tail[:, :, None]], dim=2)
         self.tick += 1
@@ -258,14 +260,15 @@ class FifoEngine:
             eps[:, :, w + s.frames - keep : w + s.frames] = eps_w[i * b : (i + 1) * b, :, -keep:]
         return eps
 
-    def _update(self, x, eps, noise, slots: slice):
+    def _update(self, x, eps, noise, slots: slice, scenes: SlotScenes | None = None):
         """DDIM step of the latents ``x`` that sit in queue ``slots``."""
         n = noise[:, :, slots] if noise is not None else None
         s_t, s_prev = (v[:, :, slots] if v is not None else 1.0 for v in (self._s_t, self._s_prev))
-        correct = None if self.anchor is None else (lambda x0: self.anchor.correct(x0, self.slot_levels[slots]))
+        where = () if scenes is None else (scenes.index[slots], scenes.renew)
+        correct = None if self.anchor is None else (lambda x0: self.anchor.correct(x0, self.slot_levels[slots], *where))
         return ddim_step(x, eps, self._a_t[:, :, slots], self._a_prev[:, :, slots], self.settings.eta, n, s_t, s_prev, self.settings.clip_x0, correct)
 
-    def _sequential(self, q, cond, uncond, noise, attention_kwargs):
+    def _sequential(self, q, cond, uncond, noise, attention_kwargs, scenes: SlotScenes | None = None):
         s = self.settings
         keep, b = s.written_per_window, q.shape[0]
         for i, w in enumerate(reversed(s.window_starts)):
@@ -275,7 +278,7 @@ class FifoEngine:
             e_c, e_u = self._call_unet(x, t, c, rows_c), self._call_unet(x, t, u, rows_u)
             eps = (e_u + s.guidance_scale * (e_c - e_u))[:, :, -keep:]
             written = slice(w + s.frames - keep, w + s.frames)
-            q[:, :, written] = self._update(q[:, :, written], eps, noise, written)
+            q[:, :, written] = self._update(q[:, :, written], eps, noise, written, scenes)
 
     # -- state -----------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ..consistency.storyboard import ANCHOR_POLICIES
 from ..errors import FifoStreamError
 from ..live import LiveControl, Progress, PromptRequest
 
@@ -196,30 +197,32 @@ class LiveServer:
         except web.HTTPRequestEntityTooLarge:
             return web.json_response({"error": f"the request body is over {MAX_BODY} bytes"}, status=413)
         except ValueError:
-            return web.json_response({"error": 'the body must be JSON: {"prompt": TEXT, "transition": L}'}, status=400)
+            return web.json_response({"error": 'the body must be JSON: {"prompt": TEXT, "transition": L, "anchor": "keep" or "renew"}'}, status=400)
         problem = _check_prompt(body)
         if problem:
             return web.json_response({"error": problem}, status=400)
-        transition = body.get("transition")
-        answer = self.control.submit(PromptRequest(body["prompt"].strip(), transition, source="web"))
+        transition, anchor = body.get("transition"), body.get("anchor", "keep")
+        answer = self.control.submit(PromptRequest(body["prompt"].strip(), transition, anchor=anchor, source="web"))
         try:
             frame = await asyncio.wait_for(asyncio.wrap_future(answer), ANSWER_TIMEOUT)
         except FifoStreamError as e:
             return web.json_response({"error": str(e)}, status=400)
         except (asyncio.TimeoutError, FutureTimeout):
             return web.json_response({"error": "the run did not take the prompt in time; try again"}, status=503)
-        return web.json_response({"frame": frame, "prompt": body["prompt"].strip(), "transition": transition})
+        return web.json_response({"frame": frame, "prompt": body["prompt"].strip(), "transition": transition, "anchor": anchor})
 
 
 def _check_prompt(body) -> str | None:
     """What is wrong with a ``POST /prompt`` body, or None."""
     if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) or not body["prompt"].strip():
-        return 'the body must be {"prompt": TEXT, "transition": L} with a non-empty prompt'
+        return 'the body must be {"prompt": TEXT, "transition": L, "anchor": "keep" or "renew"} with a non-empty prompt'
     if len(body["prompt"]) > MAX_PROMPT:
         return f"the prompt is over {MAX_PROMPT} characters"
     transition = body.get("transition")
     if transition is not None and (not isinstance(transition, int) or isinstance(transition, bool) or transition < 0):
         return "transition must be a whole number of frames >= 0 (or left out)"
-    if set(body) - {"prompt", "transition"}:
-        return f"unknown field(s) {', '.join(sorted(set(body) - {'prompt', 'transition'}))}; send prompt and transition"
+    if body.get("anchor", "keep") not in ANCHOR_POLICIES:
+        return 'anchor must be "keep" (the subject anchor holds the look) or "renew" (it takes this prompt\'s look)'
+    if set(body) - {"prompt", "transition", "anchor"}:
+        return f"unknown field(s) {', '.join(sorted(set(body) - {'prompt', 'transition', 'anchor'}))}; send prompt, transition and anchor"
     return None

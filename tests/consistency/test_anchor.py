@@ -6,7 +6,8 @@ import torch
 from conftest import straight_and_resumed
 
 from fifo_stream.config import load_config
-from fifo_stream.consistency.anchor import SubjectAnchor, TemplateAnchor, band_means, subject_mask
+from fifo_stream.consistency.anchor import SubjectAnchor, TemplateAnchor, band_means, find_object, subject_mask
+from fifo_stream.consistency.storyboard import Storyboard
 from fifo_stream.errors import FifoStreamError
 from fifo_stream.models.loading import load_model
 from fifo_stream.pipeline import FrameStream
@@ -48,7 +49,7 @@ def test_a_vertical_gradient_background_is_not_the_subject():
 def test_the_subject_takes_the_references_band_colors_where_it_is_now(strength):
     anchor = SubjectAnchor(strength, min_level=2, bands=3, reference_tick=7)
     anchor.observe(scene(RED, GREEN, top=1, left=1), tick=6)
-    assert anchor.reference is None  # not the reference tick
+    assert anchor.references == {}  # not the reference tick
     anchor.observe(scene(RED, GREEN, top=1, left=1), tick=7)
     moved = scene(BLUE, YELLOW, top=4, left=4)  # another place, other colors
     x0 = torch.stack([moved[:, :, None]] * 2, 2)[:, :, :, 0]  # (1, 4, 2 frames, 8, 8)
@@ -57,16 +58,16 @@ def test_the_subject_takes_the_references_band_colors_where_it_is_now(strength):
     assert torch.allclose(out[:, :, 0], want, atol=1e-5)  # the subject's colors, in place; the background untouched
     assert torch.equal(out[:, :, 1], x0[:, :, 1])
     anchor.observe(scene(BLUE, BLUE, top=0, left=0), tick=7)  # the reference is kept once taken
-    assert torch.allclose(anchor.reference[0, 0], torch.tensor(GREEN))
+    assert torch.allclose(anchor.references[0][0, 0], torch.tensor(GREEN))
 
 
 def test_given_reference_frames_give_their_medoids_colors_not_an_odd_frames():
     frames = torch.cat([scene(BLUE, YELLOW, top=1, left=1)] + [scene(RED, GREEN, top=1 + i % 2, left=1 + i) for i in range(4)])
     anchor = SubjectAnchor(1.0, min_level=0, bands=3, reference_tick=None)
     anchor.observe(frames[:1], tick=0)  # no emitted frame is the reference
-    assert anchor.reference is None
+    assert anchor.references == {}
     anchor.take_reference(frames)  # frame 0 alone shows other colors
-    assert torch.allclose(anchor.reference[0, 0], torch.tensor(GREEN)) and torch.allclose(anchor.reference[0, 1], torch.tensor(RED))
+    assert torch.allclose(anchor.references[0][0, 0], torch.tensor(GREEN)) and torch.allclose(anchor.references[0][0, 1], torch.tensor(RED))
 
 
 def test_without_a_reference_nothing_changes():
@@ -110,13 +111,13 @@ def test_a_reference_image_gives_the_anchor_its_colors_and_must_be_passed(tiny):
     stream = FrameStream(model, cfg, "a red circle", reference_image=image)
     stream.start()
     z = model.encode(image[None])[:, :, 0]
-    assert torch.equal(stream.engine.anchor.reference, band_means(z, subject_mask(z), 2)[0])
+    assert torch.equal(stream.engine.anchor.references[0], band_means(z, subject_mask(z), 2)[0])
     template = FrameStream(model, load_config("tiny-random", ["consistency.anchor.enabled=true", "consistency.anchor.reference=mine.png",
                                                                "consistency.anchor.mode=template"]), "a red circle", reference_image=image)
     template.start()
     direct = TemplateAnchor(1.0, 0, None, model.encode, model.decode, model.spatial_factor, model.upscale)
     direct.take_image(image)  # the image itself, not its latent decoded
-    assert torch.equal(template.engine.anchor.patches, direct.patches)
+    assert torch.equal(template.engine.anchor.references[0].patches, direct.references[0].patches)
 
 
 def test_a_level_beyond_the_schedule_is_refused(tiny):
@@ -158,7 +159,9 @@ RED_PX, GREEN_PX, BLUE_PX, YELLOW_PX = (230, 40, 40), (40, 190, 60), (50, 80, 23
 def test_the_template_gives_hat_and_body_cells_their_own_colors_where_the_subject_is_now(drifted):
     anchor = template_anchor()
     anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))  # red, green hat
-    assert anchor.patches.shape == (FACTOR * FACTOR, 3, 4, 4) and anchor.part_coverage.shape == (FACTOR * FACTOR, 2, 4, 4) and torch.allclose(anchor.part_coverage.sum((2, 3)), torch.tensor([96 / 16, 48 / 16]))
+    template = anchor.references[0]
+    assert template.patches.shape == (FACTOR * FACTOR, 3, 4, 4) and template.part_coverage.shape == (FACTOR * FACTOR, 2, 4, 4)
+    assert torch.allclose(template.part_coverage.sum((2, 3)), torch.tensor([96 / 16, 48 / 16]))
     moved = encode_blocks(hatted(*drifted, top=16, left=12)[None])  # elsewhere, the hat or the body another color
     out = anchor.correct(moved, torch.tensor([0]))
     want = encode_blocks(hatted(RED_PX, GREEN_PX, top=16, left=12)[None])
@@ -184,7 +187,7 @@ def test_cells_the_subject_shares_with_a_new_background_show_that_background():
         want = encode_blocks(hatted(RED_PX, GREEN_PX, top=13, left=9, background=background)[None])
         assert torch.allclose(anchor.correct(moved, torch.tensor([0])), want, atol=1e-5)
     old = template_anchor()  # a checkpoint from before the shift: the reference's own background, as it ran then
-    old.load_state_dict({k: v for k, v in anchor.state_dict().items() if k != "background"})
+    old.load_state_dict({"patches": anchor.references[0].patches, "part_coverage": anchor.references[0].part_coverage})
     gray_edges = encode_blocks(hatted(RED_PX, GREEN_PX, top=13, left=9)[None])
     on_white = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=13, left=9, background=(235, 235, 235))[None])
     touched = (gray_edges != encode_blocks(np.full((32, 32, 3), 120, np.uint8)[None])).any(1, keepdim=True)
@@ -194,7 +197,7 @@ def test_cells_the_subject_shares_with_a_new_background_show_that_background():
 def test_the_template_acts_only_at_its_levels_and_resumes_from_its_state():
     anchor = template_anchor(strength=0.5, min_level=2, reference_tick=4)
     anchor.observe(encode_blocks(hatted(RED_PX, GREEN_PX, 4, 4)[None])[:, :, 0], tick=3)  # cell-aligned: decoded exactly
-    assert anchor.patches is None
+    assert anchor.references == {}
     x0 = torch.cat([encode_blocks(hatted(BLUE_PX, GREEN_PX, 16, 12)[None])] * 2, 2)
     assert anchor.correct(x0, torch.tensor([2, 1])) is x0  # no reference yet
     anchor.observe(encode_blocks(hatted(RED_PX, GREEN_PX, 4, 4)[None])[:, :, 0], tick=4)  # cell-aligned: decoded exactly
@@ -214,9 +217,83 @@ def test_start_frames_give_the_template_of_the_subject_most_like_the_others():
     anchor.take_reference(frames)
     direct = template_anchor()
     direct.take_image(hatted(RED_PX, GREEN_PX, 4, 4))
-    assert torch.allclose(anchor.patches, direct.patches, atol=1e-6)
+    assert torch.allclose(anchor.references[0].patches, direct.references[0].patches, atol=1e-6)
 
 
 def test_a_reference_without_a_subject_is_refused():
     with pytest.raises(FifoStreamError, match="shows no subject"):
         template_anchor().take_image(np.full((32, 32, 3), 120, np.uint8))
+
+
+def test_a_scene_that_keeps_the_subject_gets_the_object_on_its_own_background():
+    anchor = template_anchor()
+    anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))  # on gray
+    white = (235, 235, 235)
+    anchor.observe(encode_blocks(hatted(BLUE_PX, YELLOW_PX, 8, 8, background=white)[None])[:, :, 0], tick=50, scene=1, renew=(False, False))
+    direct = template_anchor()
+    direct.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3, background=white))  # the object drawn on white
+    assert torch.allclose(anchor.references[1].patches, direct.references[0].patches, atol=1e-5)
+    x0 = torch.cat([encode_blocks(hatted(BLUE_PX, YELLOW_PX, 13, 9, background=b)[None]) for b in ((120,) * 3, white)], 2)
+    out = anchor.correct(x0, torch.tensor([0, 0]), torch.tensor([0, 1]), (False, False))
+    want = torch.cat([encode_blocks(hatted(RED_PX, GREEN_PX, 13, 9, background=b)[None]) for b in ((120,) * 3, white)], 2)
+    assert torch.allclose(out, want, atol=1e-5)  # each frame the reference object on its own scene's background
+
+
+@pytest.mark.parametrize("kind", ["template", "bands"])
+def test_a_scene_that_renews_the_subject_takes_its_first_frame_and_is_not_corrected_before(kind):
+    anchor = template_anchor() if kind == "template" else SubjectAnchor(1.0, 0, 2, None)
+    reference, new = hatted(RED_PX, GREEN_PX, 4, 4), hatted(BLUE_PX, YELLOW_PX, 8, 8)  # cell-aligned: decoded exactly
+    if kind == "template":
+        anchor.take_image(reference)
+    else:
+        anchor.take_reference(encode_blocks(reference[None])[0].transpose(0, 1))
+    renew = (False, True)
+    drifted = torch.cat([encode_blocks(hatted(GREEN_PX, RED_PX, 16, 12)[None])] * 2, 2)  # a scene 0 and a scene 1 frame
+    scenes = torch.tensor([0, 1])
+    before = anchor.correct(drifted, torch.tensor([3, 3]), scenes, renew)
+    assert torch.equal(before[:, :, 1], drifted[:, :, 1]) and not torch.allclose(before[:, :, 0], drifted[:, :, 0])  # scene 1 waits for its reference
+    anchor.observe(encode_blocks(new[None])[:, :, 0], tick=40, scene=1, renew=renew)
+    after = anchor.correct(drifted, torch.tensor([3, 3]), scenes, renew)
+    assert torch.equal(after[:, :, 0], before[:, :, 0])  # scene 0 keeps its reference
+    if kind == "template":
+        assert torch.allclose(after[:, :, 1], encode_blocks(hatted(BLUE_PX, YELLOW_PX, 16, 12)[None])[:, :, 0], atol=1e-5)
+    else:
+        z = encode_blocks(new[None])[:, :, 0]
+        assert torch.equal(anchor.references[1], band_means(z, subject_mask(z), 2)[0])
+        assert not torch.allclose(after[:, :, 1], drifted[:, :, 1])
+    resumed = template_anchor() if kind == "template" else SubjectAnchor(1.0, 0, 2, None)
+    resumed.load_state_dict(anchor.state_dict())
+    assert torch.equal(resumed.correct(drifted, torch.tensor([3, 3]), scenes, renew), after)
+
+
+def test_storyboard_scenes_with_the_anchor_resume_exactly(tmp_path):
+    cfg = load_config("tiny-random", ["consistency.anchor.enabled=true", "consistency.anchor.reference=start", "consistency.anchor.mode=template"])
+    model = load_model(cfg)
+    settle = model.frames_per_window  # a scene's reference is its frame number `settle`
+    story = Storyboard.parse(["a blue square", "2: a red circle", {"frame": settle + 4, "prompt": "a blue square", "anchor": "renew"}])
+    total = 2 * settle + 5
+    straight, resumed = straight_and_resumed(model, cfg, story, 3, split=settle + 2, total=total, tmp_path=tmp_path)  # saved before scene 1's reference
+    assert all(np.array_equal(x, y) for x, y in zip(straight, resumed))
+    stream = FrameStream(model, cfg, story, seed=3)
+    made = []
+    for _ in range(total):
+        next(stream)
+        made.append(sorted(stream.engine.anchor.references))
+    assert made[2 + settle - 1] == [0] and made[2 + settle] == [0, 1] and made[-2] == [0, 1] and made[-1] == [0, 1, 2]  # the renewing scene's too
+
+
+def test_an_objects_blended_edge_goes_onto_a_new_background_without_the_old_one():
+    def drawn(background):
+        image = hatted(RED_PX, GREEN_PX, 8, 8, background=background).astype(np.float32)
+        image[8:20, 20] = 0.5 * np.array(RED_PX) + 0.5 * np.array(background)  # a half-covered column at the right edge
+        image[7, 8:20] = 0.75 * np.array(GREEN_PX) + 0.25 * np.array(background)  # a three-quarters-covered row above the hat
+        return image.round().astype(np.uint8)
+
+    white, black = (235, 235, 235), (20, 20, 20)
+    cut = find_object(drawn(white), 2)
+    assert cut.alpha.shape == (13, 13) and cut.alpha.max() == 1 and 0.4 < cut.alpha[1:, -1].mean() < 0.6  # the edge column: half the object's
+    assert 0.65 < cut.alpha[0, :-1].mean() < 0.85
+    moved = cut.over(np.full((*cut.alpha.shape, 3), black, np.float32))
+    want = drawn(black)[7:20, 8:21].astype(np.float32)
+    assert np.abs(moved - want).max() <= 2  # as if drawn there; pasting the pixels would keep the white fringe
+    assert np.abs(drawn(white)[7:20, 8:21].astype(np.float32) - want).max() > 100

@@ -11,10 +11,10 @@ from fifo_stream.consistency.storyboard import Storyboard, StoryboardError
 
 def test_parse_forms():
     board = Storyboard.parse(["santa slides down a chimney", "120: santa eats cookies", {"frame": 240, "prompt": "santa walks out"}], 8)
-    assert board.scenes == ((0, "santa slides down a chimney", None), (120, "santa eats cookies", None), (240, "santa walks out", None))
+    assert board.scenes == ((0, "santa slides down a chimney", None, "keep"), (120, "santa eats cookies", None, "keep"), (240, "santa walks out", None, "keep"))
     assert board.transition == 8
-    assert Storyboard.parse(["0: 2001: a space odyssey"]).scenes == ((0, "2001: a space odyssey", None),)
-    assert Storyboard.parse(["a: b"]).scenes == ((0, "a: b", None),)  # not a frame number: part of the prompt
+    assert Storyboard.parse(["0: 2001: a space odyssey"]).scenes == ((0, "2001: a space odyssey", None, "keep"),)
+    assert Storyboard.parse(["a: b"]).scenes == ((0, "a: b", None, "keep"),)  # not a frame number: part of the prompt
     assert Storyboard.parse(board.to_json(), 8) == board
     assert Storyboard.parse(["a", "5: b", "9: a"]).prompts == ["a", "b"]
 
@@ -35,6 +35,7 @@ def test_parse_forms():
         (["a", {"frame": 10, "prompt": "b", "transition": 11}], 0, "closer than the 11-frame transition"),
         (["a", {"frame": 10, "prompt": "b", "transition": -1}], 0, "transition: L >= 0"),
         (["a", {"frame": 10, "prompt": "b", "fade": 2}], 0, "must be 'N: text'"),
+        (["a", {"frame": 10, "prompt": "b", "anchor": "forget"}], 0, r"anchor: keep\|renew"),
     ],
 )
 def test_bad_storyboards_are_refused(entries, transition, message):
@@ -42,10 +43,20 @@ def test_bad_storyboards_are_refused(entries, transition, message):
         Storyboard.parse(entries, transition)
 
 
+def test_a_scene_may_renew_the_subject_anchor():
+    board = Storyboard.parse(["a red square", {"frame": 10, "prompt": "a blue circle", "anchor": "renew"}, "20: a blue circle moves up"])
+    assert [s.anchor for s in board.scenes] == ["keep", "renew", "keep"]
+    assert Storyboard.parse(board.to_json()) == board and board.to_json()[2] == {"frame": 20, "prompt": "a blue circle moves up"}
+    assert board.describe()[1] == "10: a blue circle (anchor renew)"
+    later = board.add(40, "a green star", anchor="renew")
+    slots = later.slot_scenes(torch.tensor([-2, 0, 9, 10, 25, 40]))
+    assert slots.index.tolist() == [0, 0, 0, 1, 2, 3] and slots.renew == (False, True, False, True)
+
+
 def test_scenes_appended_later_keep_their_own_transition():
     board = Storyboard.parse(["a", "10: b"], transition=2)
     later = board.add(30, "c", transition=5)
-    assert later.scenes[-1] == (30, "c", 5) and later.transition == 2 and board.scenes[-1] == (10, "b", None)
+    assert later.scenes[-1] == (30, "c", 5, "keep") and later.transition == 2 and board.scenes[-1] == (10, "b", None, "keep")
     assert Storyboard.parse(later.to_json(), 2) == later
     assert later.describe()[-1] == "30: c (transition 5)"
     assert [later.prompt_at(f) for f in (-3, 0, 9, 10, 29, 30, 1000)] == ["a", "a", "a", "b", "b", "c", "c"]

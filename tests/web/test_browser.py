@@ -67,6 +67,7 @@ def test_the_live_page_plays_shows_progress_and_takes_a_prompt(tmp_path):
             assert total == FRAMES and 0 < done < FRAMES
             assert page.locator("#prompt").text_content() == FIRST
             page.fill("#prompt-input", LATER)
+            page.check("#renew")  # it names a new look
             page.click("button[type=submit]")
             page.wait_for_function("document.getElementById('answer').textContent.startsWith('From frame')", timeout=60_000)
             frame = int(re.match(r"From frame (\d+)", page.locator("#answer").text_content())[1])
@@ -76,7 +77,7 @@ def test_the_live_page_plays_shows_progress_and_takes_a_prompt(tmp_path):
     finally:
         run.proc.kill()
     storyboard = json.loads((run.dir / "run.json").read_text())["storyboard"]
-    assert storyboard == [{"frame": 0, "prompt": FIRST}, {"frame": frame, "prompt": LATER, "transition": 0}]  # the box's default
+    assert storyboard == [{"frame": 0, "prompt": FIRST}, {"frame": frame, "prompt": LATER, "transition": 0, "anchor": "renew"}]  # the box's default transition
     assert frame + 32 <= FRAMES, "the prompt came too late to check the frames after it"
     with av.open(str(tmp_path / "out.mp4")) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]

@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 
+from fifo_stream.consistency.storyboard import Scene
 from fifo_stream.live import LiveControl, Progress
 from fifo_stream.web import LiveServer, ServeError
 from fifo_stream.web.server import HEARTBEAT
@@ -32,7 +33,7 @@ class FakeLoop:
             if "dog" in request.prompt:
                 request.answer.set_exception(FifoStreamError("this model does not know the word(s) 'dog'"))
             else:
-                self.progress.scene(40, request.prompt, request.transition, request.source)
+                self.progress.scene(Scene(40, request.prompt, request.transition, request.anchor), request.source)
                 request.answer.set_result(40)
 
 
@@ -111,9 +112,9 @@ def test_a_prompt_is_answered_with_its_frame_and_reaches_the_events(serve):
     assert first["event"] == "status" and first["total"] == 100
     events.readline()
     status, _, body = request(server, "/prompt", {"prompt": " a blue square moves left on a white background ", "transition": 4})
-    assert status == 200 and json.loads(body) == {"frame": 40, "prompt": "a blue square moves left on a white background", "transition": 4}
+    assert status == 200 and json.loads(body) == {"frame": 40, "prompt": "a blue square moves left on a white background", "transition": 4, "anchor": "keep"}
     event = json.loads(events.readline()[len(b"data: "):])
-    assert event == {"event": "prompt", "frame": 40, "prompt": "a blue square moves left on a white background", "transition": 4, "source": "web"}
+    assert event == {"event": "prompt", "frame": 40, "prompt": "a blue square moves left on a white background", "transition": 4, "anchor": "keep", "source": "web"}
     started = time.monotonic()
     server.stop()  # ends the open stream at once, not at its next heartbeat
     assert events.read().strip() == b"" and time.monotonic() - started < HEARTBEAT / 3
@@ -128,6 +129,7 @@ def test_a_prompt_is_answered_with_its_frame_and_reaches_the_events(serve):
     ({"prompt": "a red circle", "transition": -1}, 400, "transition must be"),
     ({"prompt": "a red circle", "transition": True}, 400, "transition must be"),
     ({"prompt": "a red circle", "frame": 3}, 400, "unknown field(s) frame"),
+    ({"prompt": "a red circle", "anchor": "forget"}, 400, 'anchor must be "keep"'),
     ({"prompt": "x" * 1001}, 400, "over 1000 characters"),
     (b"{not json", 400, "must be JSON"),
     (b"{\"prompt\": \"" + b"a " * 10000 + b"\"}", 413, "over 16384 bytes"),

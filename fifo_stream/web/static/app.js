@@ -21,7 +21,8 @@ function showStoryboard(scenes) {
 function addScene(scene) {
   const item = document.createElement("li");
   const transition = scene.transition ? ` (transition ${scene.transition})` : "";
-  item.textContent = `frame ${scene.frame}: ${scene.prompt}${transition}`;
+  const renew = scene.anchor === "renew" ? " (new look)" : "";
+  item.textContent = `frame ${scene.frame}: ${scene.prompt}${transition}${renew}`;
   $("storyboard").append(item);
 }
 
@@ -67,12 +68,13 @@ $("prompt-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const prompt = $("prompt-input").value.trim();
   const transition = parseInt($("transition").value || "0", 10);
+  const anchor = $("renew").checked ? "renew" : "keep";
   $("answer").textContent = "sending...";
   try {
     const response = await fetch("/prompt", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ prompt, transition }),
+      body: JSON.stringify({ prompt, transition, anchor }),
     });
     const answer = await response.json();
     $("answer").textContent = response.ok ? `From frame ${answer.frame}: ${answer.prompt}` : `Refused: ${answer.error}`;
