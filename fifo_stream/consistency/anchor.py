@@ -96,8 +96,8 @@ class SceneReferences:
         raise NotImplementedError
 
     def keep_onto(self, previous, latent: torch.Tensor):
-        """The reference of a scene that keeps ``previous`` (None: nothing to keep), whose first frame is ``latent``;
-        None: its frames use ``previous`` itself."""
+        """The reference of a scene that keeps ``previous`` (None: nothing to keep), made from the scene's frame
+        ``latent``; None: its frames use ``previous`` itself."""
         return None
 
     def reference_of(self, scene: int, renew: Sequence[bool] = ()):
@@ -139,8 +139,8 @@ class SubjectAnchor(SceneReferences):
     ``min_level``: levels at or above this index are corrected (0: all); ``reference_tick``: the
     engine tick whose emitted latent is the reference, or None when the caller gives the reference
     (:meth:`take_reference`: the clip the queue starts from; :meth:`take_image`: the user's image,
-    through the model's ``encode``). A storyboard scene that renews the subject takes its first
-    emitted frame's colors (its frames are not corrected before); the others keep the colors.
+    through the model's ``encode``). A storyboard scene that renews the subject takes the colors
+    of its frame number ``settle`` (its frames are not corrected before); the others keep the colors.
     """
 
     def __init__(self, strength: float, min_level: int, bands: int, reference_tick: int | None, encode=None, settle: int = 0):
@@ -335,9 +335,9 @@ class TemplateAnchor(SceneReferences):
     cells there that the object touches move by ``strength * (patch - cells)``, so hat and body keep
     their own colors and place, which band means mix.
 
-    Storyboards: each scene gets its own template when its first frame is emitted: the object pasted
-    in pixels onto that frame's background (a scene that keeps the subject), or the object that frame
-    shows (a scene that renews it). Until then a keeping scene's frames use the previous scene's
+    Storyboards: each scene gets its own template from its frame number ``settle``: the object
+    composited in pixels onto that frame's background (a scene that keeps the subject; see
+    :func:`find_object`), or the object that frame shows (a scene that renews it). Until then a keeping scene's frames use the previous scene's
     template, the cells the object only partly covers moved by the uncovered fraction of the
     difference of the two row backgrounds (exact for a linear codec). ``encode``/``decode`` are the
     model's (uint8 frames at the video size <-> latents), ``factor`` its pixels per latent cell and

@@ -28,6 +28,7 @@ from fifo_stream.pipeline import FrameStream, check_world_size
 TOLERANCE = 1e-5  # max |difference| of emitted latents, relative to their max |value|
 BANK = ["consistency.refbank.enabled=true", "consistency.refbank.momentum=0.5", "consistency.qcache.enabled=true"]
 ANCHOR = ["consistency.anchor.enabled=true", "consistency.shared_noise=0.5"]
+TEMPLATE = ["consistency.anchor.enabled=true", "consistency.anchor.mode=template", "consistency.anchor.reference=start"]
 
 
 def free_port():
@@ -80,8 +81,10 @@ def rank_main(rank, world, port, overrides, frames, out):
         (3, ["sampling.partitions=2", *BANK, "consistency.refbank.layers=all", "consistency.refbank.dtype=fp32"]),
         # Every rank holds the whole queue after the gather and makes the same update, anchor and shared noise included.
         (2, ["sampling.partitions=2", *ANCHOR]),
+        # The template places the subject by an argmax: the ranks' rounding must not move it.
+        (2, ["sampling.partitions=2", *TEMPLATE]),
     ],
-    ids=["2-ranks-3-windows", "3-ranks-2-windows", "bank-3-ranks-4-windows", "anchor-shared-noise-2-ranks"],
+    ids=["2-ranks-3-windows", "3-ranks-2-windows", "bank-3-ranks-4-windows", "anchor-shared-noise-2-ranks", "template-2-ranks"],
 )
 def test_ranks_emit_the_latents_of_one_process(tmp_path, world, overrides):
     frames = 3
@@ -92,8 +95,8 @@ def test_ranks_emit_the_latents_of_one_process(tmp_path, world, overrides):
     assert (shared - alone).abs().max() <= TOLERANCE * alone.abs().max()
     assert not torch.equal(shared[0], shared[-1])
     if stream.engine.anchor is not None:  # the controls acted: the frames after the reference are not plain FIFO's
-        plain, _ = run_stream([o for o in overrides if o not in ANCHOR], frames)
-        assert stream.engine.anchor.reference is not None and not torch.allclose(alone[1:], plain[1:])
+        plain, _ = run_stream([o for o in overrides if o not in ANCHOR + TEMPLATE], frames)
+        assert stream.engine.anchor.references and not torch.allclose(alone[1:], plain[1:])
     if stream.refbank is not None:
         bank = stream.refbank.state_dict()
         assert bank["filled"].all() and set(bank["keys"]) == set(stream.refbank.layers)

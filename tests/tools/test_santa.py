@@ -154,3 +154,21 @@ def test_the_template_anchor_holds_a_reference_image_whose_colors_the_prompt_lea
     assert held["reference_match"] >= 0.9 and held["speed"] > 0.5
     free = santa.run_cell(model, load_config("tiny", santa.SETTINGS["plain"]), text, 32, 0, reference)
     assert free["reference_match"] < 0.5
+
+
+def test_the_template_anchor_holds_the_subject_through_two_scene_changes():
+    """#19's storyboard on the embedded model, scenes shortened (gray, then white at 60, black at 120):
+    after the second change the subject shows frame 0's body and hat, each scene its own background.
+    One template for every scene (its edge cells shifted to the new background) swapped them here:
+    a yellow body under a green hat on black."""
+    from fifo_stream.config import load_config
+    from fifo_stream.models.loading import load_model
+
+    model = load_model(load_config("tiny"))
+    seed, story = 1, santa.prompt(1, storyboard=True)
+    story = [story[0], *(f"{frame}: {entry.split(': ', 1)[1]}" for frame, entry in zip((60, 120), story[1:]))]
+    report = santa.run_cell(model, load_config("tiny", santa.SETTINGS["template-start"]), story, 200, seed)
+    first = report["first_frame"]
+    last_scene = report["per_frame"]["readings"][128:]  # one window after the change: the scene's own template
+    assert sum(r[0] == first[0] and r[2] == first[2] for r in last_scene) >= 0.85 * len(last_scene), (first, last_scene)
+    assert all(scene["background"] >= 0.9 for scene in report["scenes"])
