@@ -12,10 +12,11 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from .consistency.anchor import SubjectAnchor, TemplateAnchor
+from .consistency.anchor import SubjectAnchor
+from .consistency.template import TemplateAnchor
 from .consistency.qcache import QCache
 from .consistency.refbank import RefBank
-from .consistency.storyboard import Scene, Storyboard, StoryboardError
+from .consistency.storyboard import Scene, SlotScenes, Storyboard, StoryboardError
 from .errors import FifoStreamError
 from .models.loading import DTYPES, VideoModel, compile_unet, resolve_overlap_decode
 from .runs import distributed
@@ -232,7 +233,7 @@ class FrameStream:
         """One tick of the queue (the base clip first): the latent (b, c, h, w) it emits, None in warm-up."""
         if self.engine.queue is None:
             self.start()
-        z = self.engine.step(*self._contexts(), scenes=None if len(self.storyboard.scenes) == 1 else self.storyboard.slot_scenes(self._slot_frames()))
+        z = self.engine.step(*self._slot_inputs())
         if self.engine.tick <= self.skip:
             return None
         self.emitted += 1
@@ -269,16 +270,14 @@ class FrameStream:
         context = self.model.encode_text([prompt])
         self.storyboard, self.scene_contexts = storyboard, torch.cat([self.scene_contexts, context])
 
-    def _slot_frames(self) -> torch.Tensor:
-        """The emitted frame number each queue slot becomes (below 0: warm-up)."""
-        return self.engine.slot_frames().to(self.scene_contexts.device) - self.skip
-
-    def _contexts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This tick's (cond, uncond): one context, or one per queue slot (1, L, n, d) for a storyboard."""
+    def _slot_inputs(self) -> tuple[torch.Tensor, torch.Tensor, SlotScenes | None]:
+        """This tick's (cond, uncond, scenes): one context and no scenes, or for a storyboard one context
+        per queue slot (1, L, n, d) and each slot's scene (for the anchor)."""
         if len(self.storyboard.scenes) == 1:
-            return self.cond, self.uncond
-        cond = self.storyboard.contexts(self.scene_contexts, self._slot_frames())[None]
-        return cond, self.uncond[:, None].expand(-1, cond.shape[1], -1, -1)
+            return self.cond, self.uncond, None
+        frames = self.engine.slot_frames().to(self.scene_contexts.device) - self.skip  # below 0: warm-up
+        cond = self.storyboard.contexts(self.scene_contexts, frames)[None]
+        return cond, self.uncond[:, None].expand(-1, cond.shape[1], -1, -1), self.storyboard.slot_scenes(frames)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self

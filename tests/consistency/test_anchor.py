@@ -6,7 +6,8 @@ import torch
 from conftest import straight_and_resumed
 
 from fifo_stream.config import load_config
-from fifo_stream.consistency.anchor import SubjectAnchor, TemplateAnchor, band_means, find_object, subject_mask
+from fifo_stream.consistency.anchor import SubjectAnchor, band_means, subject_mask
+from fifo_stream.consistency.template import TemplateAnchor, find_object
 from fifo_stream.consistency.storyboard import Storyboard
 from fifo_stream.errors import FifoStreamError
 from fifo_stream.models.loading import load_model
