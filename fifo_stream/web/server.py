@@ -38,6 +38,8 @@ HLS_TYPES = {"m3u8": "application/vnd.apple.mpegurl", "ts": "video/mp2t"}
 MAX_BODY = 16 * 1024  # bytes of a request body
 MAX_PROMPT = 1000  # characters of a live prompt
 ANSWER_TIMEOUT = 300  # seconds a prompt may wait for the frame loop
+PROMPT_FIELDS = ("prompt", "transition", "frame", "anchor")  # a POST /prompt body's; all but the prompt optional
+PROMPT_BODY = '{"prompt": TEXT, "transition": L, "frame": N, "anchor": "keep" or "renew"}'
 HEARTBEAT = 15  # seconds between keep-alive comments on the event stream
 COOKIE = "fifo_stream_token"
 HEADERS = {"Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; worker-src 'self' blob:", "X-Content-Type-Options": "nosniff"}
@@ -197,12 +199,12 @@ class LiveServer:
         except web.HTTPRequestEntityTooLarge:
             return web.json_response({"error": f"the request body is over {MAX_BODY} bytes"}, status=413)
         except ValueError:
-            return web.json_response({"error": 'the body must be JSON: {"prompt": TEXT, "transition": L, "anchor": "keep" or "renew"}'}, status=400)
+            return web.json_response({"error": f"the body must be JSON: {PROMPT_BODY}"}, status=400)
         problem = _check_prompt(body)
         if problem:
             return web.json_response({"error": problem}, status=400)
         transition, anchor = body.get("transition"), body.get("anchor", "keep")
-        answer = self.control.submit(PromptRequest(body["prompt"].strip(), transition, anchor=anchor, source="web"))
+        answer = self.control.submit(PromptRequest(body["prompt"].strip(), transition, body.get("frame"), anchor, source="web"))
         try:
             frame = await asyncio.wait_for(asyncio.wrap_future(answer), ANSWER_TIMEOUT)
         except FifoStreamError as e:
@@ -215,14 +217,15 @@ class LiveServer:
 def _check_prompt(body) -> str | None:
     """What is wrong with a ``POST /prompt`` body, or None."""
     if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) or not body["prompt"].strip():
-        return 'the body must be {"prompt": TEXT, "transition": L, "anchor": "keep" or "renew"} with a non-empty prompt'
+        return f"the body must be {PROMPT_BODY} with a non-empty prompt"
     if len(body["prompt"]) > MAX_PROMPT:
         return f"the prompt is over {MAX_PROMPT} characters"
-    transition = body.get("transition")
-    if transition is not None and (not isinstance(transition, int) or isinstance(transition, bool) or transition < 0):
-        return "transition must be a whole number of frames >= 0 (or left out)"
+    for name, what in (("transition", "transition must be a whole number of frames >= 0"), ("frame", "frame must be a whole number >= 0, the emitted frame the prompt starts at")):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            return f"{what} (or left out)"
     if body.get("anchor", "keep") not in ANCHOR_POLICIES:
         return 'anchor must be "keep" (the subject anchor holds the look) or "renew" (it takes this prompt\'s look)'
-    if set(body) - {"prompt", "transition", "anchor"}:
-        return f"unknown field(s) {', '.join(sorted(set(body) - {'prompt', 'transition', 'anchor'}))}; send prompt, transition and anchor"
+    if set(body) - set(PROMPT_FIELDS):
+        return f"unknown field(s) {', '.join(sorted(set(body) - set(PROMPT_FIELDS)))}; send {', '.join(PROMPT_FIELDS)}"
     return None

@@ -16,7 +16,7 @@ from fifo_stream.web.server import HEARTBEAT
 
 
 class FakeLoop:
-    """Answers live prompts as the frame loop would: from frame 40, 'dog' refused."""
+    """Answers live prompts as the frame loop would: from the frame asked for or else 40, 'dog' refused."""
 
     def __init__(self, control: LiveControl, progress: Progress):
         self.control, self.progress, self.stop = control, progress, threading.Event()
@@ -33,8 +33,9 @@ class FakeLoop:
             if "dog" in request.prompt:
                 request.answer.set_exception(FifoStreamError("this model does not know the word(s) 'dog'"))
             else:
-                self.progress.scene(Scene(40, request.prompt, request.transition, request.anchor), request.source)
-                request.answer.set_result(40)
+                frame = 40 if request.frame is None else request.frame
+                self.progress.scene(Scene(frame, request.prompt, request.transition, request.anchor), request.source)
+                request.answer.set_result(frame)
 
 
 @pytest.fixture
@@ -115,6 +116,10 @@ def test_a_prompt_is_answered_with_its_frame_and_reaches_the_events(serve):
     assert status == 200 and json.loads(body) == {"frame": 40, "prompt": "a blue square moves left on a white background", "transition": 4, "anchor": "keep"}
     event = json.loads(events.readline()[len(b"data: "):])
     assert event == {"event": "prompt", "frame": 40, "prompt": "a blue square moves left on a white background", "transition": 4, "anchor": "keep", "source": "web"}
+    status, _, body = request(server, "/prompt", {"prompt": "a red circle", "frame": 75, "anchor": "renew"})
+    assert status == 200 and json.loads(body) == {"frame": 75, "prompt": "a red circle", "transition": None, "anchor": "renew"}
+    events.readline()
+    assert json.loads(events.readline()[len(b"data: "):])["frame"] == 75
     started = time.monotonic()
     server.stop()  # ends the open stream at once, not at its next heartbeat
     assert events.read().strip() == b"" and time.monotonic() - started < HEARTBEAT / 3
@@ -128,7 +133,10 @@ def test_a_prompt_is_answered_with_its_frame_and_reaches_the_events(serve):
     (["a red circle"], 400, "non-empty prompt"),
     ({"prompt": "a red circle", "transition": -1}, 400, "transition must be"),
     ({"prompt": "a red circle", "transition": True}, 400, "transition must be"),
-    ({"prompt": "a red circle", "frame": 3}, 400, "unknown field(s) frame"),
+    ({"prompt": "a red circle", "frame": -3}, 400, "frame must be a whole number"),
+    ({"prompt": "a red circle", "frame": "12"}, 400, "frame must be a whole number"),
+    ({"prompt": "a red circle", "frame": 1.5}, 400, "frame must be a whole number"),
+    ({"prompt": "a red circle", "at": 3}, 400, "unknown field(s) at; send prompt, transition, frame, anchor"),
     ({"prompt": "a red circle", "anchor": "forget"}, 400, 'anchor must be "keep"'),
     ({"prompt": "x" * 1001}, 400, "over 1000 characters"),
     (b"{not json", 400, "must be JSON"),

@@ -69,16 +69,17 @@ $("prompt-form").addEventListener("submit", async (event) => {
   const prompt = $("prompt-input").value.trim();
   const transition = parseInt($("transition").value || "0", 10);
   const anchor = $("renew").checked ? "renew" : "keep";
+  const at = $("at-frame").value;
   $("answer").textContent = "sending...";
   try {
     const response = await fetch("/prompt", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ prompt, transition, anchor }),
+      body: JSON.stringify(at === "" ? { prompt, transition, anchor } : { prompt, transition, anchor, frame: parseInt(at, 10) }),
     });
     const answer = await response.json();
     $("answer").textContent = response.ok ? `From frame ${answer.frame}: ${answer.prompt}` : `Refused: ${answer.error}`;
-    if (response.ok) $("prompt-input").value = "";
+    if (response.ok) { $("prompt-input").value = ""; $("at-frame").value = ""; }
   } catch (err) {
     $("answer").textContent = `Not sent: ${err}`;
   }
