@@ -46,11 +46,16 @@ def row_background(z: torch.Tensor) -> torch.Tensor:
     return mean.permute(0, 2, 1)[..., None]
 
 
+def standing_out(img: np.ndarray) -> np.ndarray:
+    """(H, W): how far each pixel of ``img`` (H, W, 3) float is from its row's median (the background)."""
+    return np.linalg.norm(img - np.median(img, axis=1, keepdims=True), axis=-1)
+
+
 def object_parts(image: np.ndarray, parts: int, threshold: float = 0.4) -> np.ndarray:
-    """Labels (H, W) of ``image`` (H, W, 3): -1 for background (pixels close to their row's median),
-    else which of ``parts`` color clusters of the object (k-means from the median color and the pixels farthest from it)."""
+    """Labels (H, W) of ``image`` (H, W, 3): -1 for background (pixels standing out by at most ``threshold``
+    of the most), else which of ``parts`` color clusters of the object (k-means from the median color and the pixels farthest from it)."""
     img = image.astype(np.float32)
-    d = np.linalg.norm(img - np.median(img, axis=1, keepdims=True), axis=-1)
+    d = standing_out(img)
     mask = d > threshold * max(float(d.max()), 1e-6)
     labels = np.full(mask.shape, -1)
     if not mask.any():
@@ -65,6 +70,24 @@ def object_parts(image: np.ndarray, parts: int, threshold: float = 0.4) -> np.nd
         near = np.linalg.norm(colors[:, None] - centers[None], axis=-1).argmin(1)
         centers = np.stack([colors[near == k].mean(0) if (near == k).any() else centers[k] for k in range(parts)])
     labels[mask] = near
+    return labels
+
+
+def with_rim(labels: np.ndarray, image: np.ndarray, rim: float = 0.1, width: int = 4) -> np.ndarray:
+    """:func:`object_parts`' ``labels`` grown into the object's soft rim: pixels of ``image`` standing out
+    by more than ``rim`` of the most, within ``width`` pixels of it, each taking its neighbour's part.
+    Without the rim a template loses thin parts (a triangle's apex, a hat's corners) and the frames it
+    corrects read as another shape."""
+    d = standing_out(image.astype(np.float32))
+    soft = d > rim * max(float(d.max()), 1e-6)
+    H, W = labels.shape
+    for _ in range(width):  # one pixel (4-neighbourhood) at a time
+        padded, grown = np.pad(labels, 1, constant_values=-1), labels.copy()
+        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+            neighbour = padded[dy : dy + H, dx : dx + W]
+            take = (grown < 0) & soft & (neighbour >= 0)
+            grown[take] = neighbour[take]
+        labels = grown
     return labels
 
 
@@ -85,16 +108,17 @@ def find_object(image: np.ndarray, parts: int) -> ObjectCut | None:
     edge pixels mix the object with the background: each pixel p of part k (median color c) over its
     row's median b has the share alpha = <p - b, c - b> / |c - b|^2 (clamped to [0, 1]), so the object
     goes onto another background without the old one's fringe."""
-    labels = object_parts(image, parts)
-    if (labels < 0).all():
+    core = object_parts(image, parts)
+    if (core < 0).all():
         return None
+    labels = with_rim(core, image)
     img = image.astype(np.float32)
     behind = np.broadcast_to(np.median(img, axis=1, keepdims=True), img.shape)
     alpha = np.zeros(labels.shape, np.float32)
     for k in range(parts):
         part = labels == k
         if part.any():
-            away = np.median(img[part], axis=0) - behind[part]  # (n, 3): the part's color less the background
+            away = np.median(img[core == k], axis=0) - behind[part]  # (n, 3): the part's color (its core's) less the background
             norm = (away * away).sum(1)
             share = ((img[part] - behind[part]) * away).sum(1) / np.maximum(norm, 1e-6)
             alpha[part] = np.where(norm > 1.0, np.clip(share, 0, 1), 1.0)
@@ -112,7 +136,7 @@ def row_median_background(image: np.ndarray) -> np.ndarray:
 class Template:
     """One look of the subject on one background: the object pasted onto the background at every
     sub-cell offset and encoded. ``patches`` (O, c, ph, pw): the latent cells around the object;
-    ``part_coverage`` (O, parts, ph, pw): each part's fraction of each patch cell; ``background``
+    ``part_coverage`` (O, parts, ph, pw): each part's share of each patch cell (its pixels' alpha); ``background``
     (O, c, ph, 1): the row backgrounds behind the patches."""
 
     def __init__(self, cut: ObjectCut | None, patches: torch.Tensor, part_coverage: torch.Tensor, background: torch.Tensor | None):
@@ -122,7 +146,10 @@ class Template:
         gram = torch.einsum("oiyx,ojyx->oij", parts, parts) + 1e-6 * torch.eye(parts.shape[1], dtype=parts.dtype)
         self.gram_inverse = torch.linalg.inv(gram).float()  # (O, parts, parts) for the least-squares placement
         self.covered = part_coverage.sum(1, keepdim=True)  # (O, 1, ph, pw) the object's fraction of each patch cell
-        self.touched = (self.covered > 0).float()  # the cells the object touches: the patch holds their mix with the background
+        # how far each cell moves: the object's share of it. Moving the rim (cells it partly covers) all the
+        # way pinned the reference's outline, which mixed with the shape the prompt names (a triangle's
+        # apex, a square's corners went round); the model draws the rim, the template holds the colors
+        self.weight = self.covered.clamp(max=1.0)
 
     @classmethod
     def build(cls, cut: ObjectCut, background: np.ndarray, encode, factor: int, step: int, parts: int) -> Template:
@@ -136,12 +163,12 @@ class Template:
             for ox in range(0, f, step):
                 ty, tx = top + oy, left + ox
                 hh, ww = min(bh, H - ty), min(bw, W - tx)
-                placed = np.full((H, W), -1)
-                placed[ty : ty + hh, tx : tx + ww] = cut.labels[:hh, :ww]
+                placed, share = np.full((H, W), -1), np.zeros((H, W), np.float32)
+                placed[ty : ty + hh, tx : tx + ww], share[ty : ty + hh, tx : tx + ww] = cut.labels[:hh, :ww], cut.alpha[:hh, :ww]
                 canvas = background.astype(np.float32)
                 canvas[ty : ty + hh, tx : tx + ww] = ObjectCut(*(v[:hh, :ww] for v in cut)).over(canvas[ty : ty + hh, tx : tx + ww])
                 frames.append(canvas.round().clip(0, 255).astype(np.uint8))
-                covers.append(np.stack([(placed == k).reshape(H // f, f, W // f, f).mean(axis=(1, 3)) for k in range(parts)]))
+                covers.append(np.stack([(share * (placed == k)).reshape(H // f, f, W // f, f).mean(axis=(1, 3)) for k in range(parts)]))
         latents = encode(np.stack(frames))[0].transpose(0, 1).float().cpu()  # (O, c, h, w)
         r, c = top // f, left // f
         return cls(cut, latents[:, :, r : r + ph, c : c + pw].clone(), torch.from_numpy(np.stack(covers)[..., r : r + ph, c : c + pw]).float(),
@@ -166,8 +193,8 @@ class TemplateAnchor(SceneReferences):
     a hat and a body) makes a :class:`Template` on its own background. A frame's subject is located
     by its layout, whatever its colors: the offset and cell position where the frame's cells are best
     explained as the background plus each part's coverage times a free color (least squares). The
-    cells there that the object touches move by ``strength * (patch - cells)``, so hat and body keep
-    their own colors and place, which band means mix.
+    cells there move by ``strength * share * (patch - cells)``, ``share`` the object's part of the cell,
+    so hat and body keep their own colors and place, which band means mix, and the rim is mostly the model's.
 
     Storyboards: each scene gets its own template from its frame number ``settle``: the object
     composited in pixels onto that frame's background (a scene that keeps the subject; see
@@ -228,13 +255,13 @@ class TemplateAnchor(SceneReferences):
         for template, frames in groups.values():
             z = x0[0, :, frames].transpose(0, 1).float()  # (n, c, h, w)
             background = row_background(z)
-            (ph, pw), touched = template.patches.shape[-2:], template.touched.to(z)
+            (ph, pw), weight = template.patches.shape[-2:], template.weight.to(z)
             for i, (o, y, x) in enumerate(self._place(z - background, template)):
                 target = template.patches[o].to(z)
                 if template.background is not None:
                     target = target + (1 - template.covered[o].to(z)) * (background[i, :, y : y + ph] - template.background[o].to(z))
                 region = z[i, :, y : y + ph, x : x + pw]
-                z[i, :, y : y + ph, x : x + pw] = region + self.strength * touched[o] * (target - region)
+                z[i, :, y : y + ph, x : x + pw] = region + self.strength * weight[o] * (target - region)
             out[0, :, frames] = z.transpose(0, 1).to(out.dtype)
         return out
 

@@ -149,6 +149,18 @@ def hatted(body, hat, top: int, left: int, size: int = 32, background=120) -> np
     return image
 
 
+def covered(top: int, left: int, size: int = 32) -> torch.Tensor:
+    """(1, 1, 1, h, w): the share of each cell under a :func:`hatted` object: how far a template moves it."""
+    mask = np.zeros((size, size), np.float32)
+    mask[top : top + 12, left : left + 12] = 1
+    return torch.from_numpy(mask.reshape(size // FACTOR, FACTOR, size // FACTOR, FACTOR).mean((1, 3)))[None, None, None]
+
+
+def moved_by_share(frame: torch.Tensor, target: torch.Tensor, top: int, left: int) -> torch.Tensor:
+    """``frame`` with each cell moved toward ``target`` by the object's share of it (at ``top``, ``left``)."""
+    return frame + covered(top, left) * (target - frame)
+
+
 def template_anchor(strength=1.0, min_level=0, reference_tick=None):
     return TemplateAnchor(strength, min_level, reference_tick, encode_blocks, decode_blocks, FACTOR, 1)
 
@@ -175,7 +187,7 @@ def test_a_subject_between_cells_takes_the_template_of_its_offset():
     anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))
     for top, left in ((13, 9), (18, 17), (6, 1)):
         moved = encode_blocks(hatted(RED_PX, (215, 50, 210), top=top, left=left)[None])  # a magenta hat
-        want = encode_blocks(hatted(RED_PX, GREEN_PX, top=top, left=left)[None])
+        want = moved_by_share(moved, encode_blocks(hatted(RED_PX, GREEN_PX, top=top, left=left)[None]), top, left)
         assert torch.allclose(anchor.correct(moved, torch.tensor([3])), want, atol=1e-5)
 
 
@@ -185,14 +197,14 @@ def test_cells_the_subject_shares_with_a_new_background_show_that_background():
     anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))  # on gray
     for background in ((235, 235, 235), (20, 20, 20)):
         moved = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=13, left=9, background=background)[None])
-        want = encode_blocks(hatted(RED_PX, GREEN_PX, top=13, left=9, background=background)[None])
+        want = moved_by_share(moved, encode_blocks(hatted(RED_PX, GREEN_PX, top=13, left=9, background=background)[None]), 13, 9)
         assert torch.allclose(anchor.correct(moved, torch.tensor([0])), want, atol=1e-5)
     old = template_anchor()  # a checkpoint from before the shift: the reference's own background, as it ran then
     old.load_state_dict({"patches": anchor.references[0].patches, "part_coverage": anchor.references[0].part_coverage})
     gray_edges = encode_blocks(hatted(RED_PX, GREEN_PX, top=13, left=9)[None])
     on_white = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=13, left=9, background=(235, 235, 235))[None])
-    touched = (gray_edges != encode_blocks(np.full((32, 32, 3), 120, np.uint8)[None])).any(1, keepdim=True)
-    assert torch.allclose(old.correct(on_white, torch.tensor([0]))[touched.expand_as(on_white)], gray_edges[touched.expand_as(on_white)], atol=1e-5)
+    full = (covered(13, 9) == 1).expand_as(on_white)  # cells wholly under the object move all the way
+    assert full.any() and torch.allclose(old.correct(on_white, torch.tensor([0]))[full], gray_edges[full], atol=1e-5)
 
 
 def test_the_template_acts_only_at_its_levels_and_resumes_from_its_state():
@@ -237,6 +249,7 @@ def test_a_scene_that_keeps_the_subject_gets_the_object_on_its_own_background():
     x0 = torch.cat([encode_blocks(hatted(BLUE_PX, YELLOW_PX, 13, 9, background=b)[None]) for b in ((120,) * 3, white)], 2)
     out = anchor.correct(x0, torch.tensor([0, 0]), torch.tensor([0, 1]), (False, False))
     want = torch.cat([encode_blocks(hatted(RED_PX, GREEN_PX, 13, 9, background=b)[None]) for b in ((120,) * 3, white)], 2)
+    want = moved_by_share(x0, want, 13, 9)
     assert torch.allclose(out, want, atol=1e-5)  # each frame the reference object on its own scene's background
 
 
@@ -298,3 +311,35 @@ def test_an_objects_blended_edge_goes_onto_a_new_background_without_the_old_one(
     want = drawn(black)[7:20, 8:21].astype(np.float32)
     assert np.abs(moved - want).max() <= 2  # as if drawn there; pasting the pixels would keep the white fringe
     assert np.abs(drawn(white)[7:20, 8:21].astype(np.float32) - want).max() > 100
+
+
+def test_the_cut_keeps_the_objects_soft_rim_and_thin_parts():
+    """A decoded frame's object fades into the background over a few pixels, and a triangle's apex is
+    a faint line: both belong to the object, or a template made from the cut loses them."""
+    background = np.array((120, 120, 120), np.float32)
+    image = np.broadcast_to(background, (32, 32, 3)).copy()
+    image[12:24, 8:20] = RED_PX
+    image[9:12, 8:20] = GREEN_PX  # the hat
+    for i, share in enumerate((0.6, 0.35, 0.15)):  # a soft edge on the right, three pixels wide
+        image[9:24, 20 + i] = share * np.array(RED_PX) + (1 - share) * background
+    image[5:9, 13] = 0.3 * np.array(GREEN_PX) + 0.7 * background  # a faint apex over the hat
+    image = image.round().astype(np.uint8)
+    cut = find_object(image, 2)
+    assert cut.alpha.shape == (19, 15)  # rows 5-23, columns 8-22: rim and apex included
+    pasted = cut.over(np.broadcast_to(background, (*cut.alpha.shape, 3)))
+    assert np.abs(pasted - image[5:24, 8:23]).max() <= 3
+
+
+def test_the_rim_of_the_frames_subject_moves_by_the_objects_share():
+    """A cell the object covers a quarter of moves a quarter of the way: the model draws the outline,
+    which is the shape the prompt names, not the reference's."""
+    anchor = template_anchor()
+    anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))
+    moved = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=15, left=9)[None])
+    want = encode_blocks(hatted(RED_PX, GREEN_PX, top=15, left=9)[None])
+    out = anchor.correct(moved, torch.tensor([0]))
+    share = covered(15, 9).expand_as(moved)
+    assert set(share.unique().tolist()) == {0.0, 0.0625, 0.1875, 0.25, 0.5625, 0.75, 1.0}  # a rim of several shares
+    part = (share > 0) & (share < 1)
+    assert torch.allclose(out[part], (moved + share * (want - moved))[part], atol=1e-5)
+    assert torch.allclose(out[share == 1], want[share == 1], atol=1e-5) and torch.equal(out[share == 0], moved[share == 0])
