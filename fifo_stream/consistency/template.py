@@ -145,11 +145,7 @@ class Template:
         parts = part_coverage.double()
         gram = torch.einsum("oiyx,ojyx->oij", parts, parts) + 1e-6 * torch.eye(parts.shape[1], dtype=parts.dtype)
         self.gram_inverse = torch.linalg.inv(gram).float()  # (O, parts, parts) for the least-squares placement
-        self.covered = part_coverage.sum(1, keepdim=True)  # (O, 1, ph, pw) the object's fraction of each patch cell
-        # how far each cell moves: the object's share of it. Moving the rim (cells it partly covers) all the
-        # way pinned the reference's outline, which mixed with the shape the prompt names (a triangle's
-        # apex, a square's corners went round); the model draws the rim, the template holds the colors
-        self.weight = self.covered.clamp(max=1.0)
+        self.covered = part_coverage.sum(1, keepdim=True)  # (O, 1, ph, pw) the object's share of each patch cell (<= 1: parts are disjoint)
 
     @classmethod
     def build(cls, cut: ObjectCut, background: np.ndarray, encode, factor: int, step: int, parts: int) -> Template:
@@ -255,13 +251,16 @@ class TemplateAnchor(SceneReferences):
         for template, frames in groups.values():
             z = x0[0, :, frames].transpose(0, 1).float()  # (n, c, h, w)
             background = row_background(z)
-            (ph, pw), weight = template.patches.shape[-2:], template.weight.to(z)
+            (ph, pw), covered = template.patches.shape[-2:], template.covered.to(z)
             for i, (o, y, x) in enumerate(self._place(z - background, template)):
                 target = template.patches[o].to(z)
                 if template.background is not None:
-                    target = target + (1 - template.covered[o].to(z)) * (background[i, :, y : y + ph] - template.background[o].to(z))
+                    target = target + (1 - covered[o]) * (background[i, :, y : y + ph] - template.background[o].to(z))
                 region = z[i, :, y : y + ph, x : x + pw]
-                z[i, :, y : y + ph, x : x + pw] = region + self.strength * weight[o] * (target - region)
+                # each cell moves by the object's share of it: moving the rim (cells it partly covers) all the
+                # way pinned the reference's outline, which mixed with the shape the prompt names (a triangle's
+                # apex, a square's corners went round); the model draws the rim, the template holds the colors
+                z[i, :, y : y + ph, x : x + pw] = region + self.strength * covered[o] * (target - region)
             out[0, :, frames] = z.transpose(0, 1).to(out.dtype)
         return out
 

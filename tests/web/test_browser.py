@@ -78,7 +78,8 @@ def test_the_live_page_plays_shows_progress_and_takes_a_prompt(tmp_path):
             page.click("button[type=submit]")
             page.wait_for_function("/^(From frame|Refused)/.test(document.getElementById('answer').textContent)", timeout=60_000)
             answer = page.locator("#answer").text_content()
-            frame = int(re.match(r"From frame (\d+)", answer)[1]) if answer.startswith("From frame") else pytest.fail(answer)
+            assert answer.startswith("From frame"), answer
+            frame = int(re.match(r"From frame (\d+)", answer)[1])
             assert frame == AT
             page.wait_for_function(f"document.getElementById('storyboard').textContent.includes('frame {frame}:')", timeout=30_000)
             browser.close()
