@@ -172,3 +172,20 @@ def test_the_template_anchor_holds_the_subject_through_two_scene_changes():
     last_scene = report["per_frame"]["readings"][128:]  # one window after the change: the scene's own template
     assert sum(r[0] == first[0] and r[2] == first[2] for r in last_scene) >= 0.85 * len(last_scene), (first, last_scene)
     assert all(scene["background"] >= 0.9 for scene in report["scenes"])
+
+
+def test_the_defaults_keep_the_hat_and_color_that_plain_fifo_changes():
+    """#19's regression on the embedded model: seed 1's triangle changes its hat and body color within
+    96 frames under plain FIFO; configs/tiny.yaml's defaults (the template anchor) keep both, and it still moves."""
+    from fifo_stream.config import load_config
+    from fifo_stream.models.loading import load_model
+
+    model = load_model(load_config("tiny"))
+    seed, frames = 1, 96
+    text = santa.prompt(seed, storyboard=False)
+    plain = santa.run_cell(model, load_config("tiny", santa.SETTINGS["plain"]), text, frames, seed)
+    assert plain["open"]["hat"]["changes"] >= 1 and plain["open"]["color"]["changes"] >= 1, plain["open"]
+    held = santa.run_cell(model, load_config("tiny"), text, frames, seed)
+    assert held["open"]["hat"]["changes"] == 0 and held["open"]["color"]["changes"] == 0, held["open"]
+    assert held["open"]["hat"]["retention"] >= 0.97 and held["open"]["color"]["retention"] >= 0.97, held["open"]
+    assert held["speed"] > 0.5
