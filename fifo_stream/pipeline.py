@@ -189,8 +189,6 @@ class FrameStream:
         b, c, h, w = self.latent_shape
         g = torch.Generator(device=self.model.device).manual_seed(self.seed)
         noise = torch.randn((b, c, self.settings.frames, h, w), generator=g, device=self.model.device)
-        anchor = self.engine.anchor
-        anchor_takes = anchor is not None and anchor.reference_tick is None
         if self.reference_image is not None and self.refbank is not None:
             self._record_reference(self.model.encode(self.reference_image[None]))  # (1, c, 1, h, w)
         x0, strength = None, 1.0
@@ -203,10 +201,17 @@ class FrameStream:
         )
         continues = self.start_clip is not None and self.start_clip.continues
         clip = distributed.broadcast_(clip)  # rank 0's clip: identical queues on every rank
-        if anchor_takes and self.reference_image is not None:
-            anchor.take_image(self.reference_image)
-        elif anchor_takes:
-            anchor.take_reference(clip[0].transpose(0, 1))
+        self.begin(clip, continues)
+
+    def begin(self, clip: torch.Tensor, continues: bool = False) -> None:
+        """Start the queue from the clean base ``clip`` (1, c, f, h, w): a subject anchor without a
+        frame reference takes its reference here (the reference image, or the clip's medoid frame)."""
+        anchor = self.engine.anchor
+        if anchor is not None and anchor.reference_tick is None:
+            if self.reference_image is not None:
+                anchor.take_image(self.reference_image)
+            else:
+                anchor.take_reference(clip[0].transpose(0, 1))
         self.engine.start_from_clip(clip, continues)
 
     def _record_reference(self, z: torch.Tensor) -> None:
