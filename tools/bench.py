@@ -3,7 +3,8 @@
     python tools/bench.py --config bench-anchor --frames 30                         # one run
     python tools/bench.py --config bench-anchor --frames 12 --pairs 5 --baseline    # vs the reference's call pattern
     python tools/bench.py --config bench-anchor --frames 12 --pairs 5 --compare runtime.dtype=bf16
-    python tools/bench.py --config bench-anchor --frames 6 --profile 25                # where the time goes
+    python tools/bench.py --config bench-anchor --frames 6 --profile 25                # where the time goes (torch.profiler)
+    python tools/bench.py --config tiny --frames 6 --op-times 25                       # the same on a CPU, each op's wall time
     python tools/bench.py --config videocrafter2 --frames 20 --peak-tflops 989 --baseline model.weights=random runtime.dtype=bf16
     torchrun --nproc-per-node 8 tools/bench.py --config videocrafter2 --frames 40 --peak-tflops 989 model.weights=random
 
@@ -23,11 +24,16 @@ or without ``--peak-tflops``, probes this machine's matmul and 3x3-convolution r
 run's dtype: ``floor_s_per_frame`` is the frame's matmul FLOPs at the matmul rate plus its
 convolution FLOPs at the convolution rate, and ``of_floor`` that floor over the measured time.
 MFU (with ``--peak-tflops``) = U-Net FLOP/s over all ranks / (peak x ranks).
+
+On a CPU, ``--op-times`` is the honest breakdown: torch.profiler's per-op overhead made small
+ops (GELU, products, copies) look 3-4x slower than they are on this 2-core machine, while the
+wall times of the ops, taken one by one, add up to the frames' time.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import resource
@@ -40,6 +46,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -133,7 +140,42 @@ def probe_rates(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) 
     return rates[0], rates[1]
 
 
+class OpTimes(TorchDispatchMode):
+    """The wall time of every op this thread runs under it (CPU: ops are synchronous; a decode on its
+    own thread is not seen), per op and input shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: collections.Counter = collections.Counter()
+        self.calls: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        key = (str(func.overloadpacket), tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+        self.seconds[key] += time.perf_counter() - start
+        self.calls[key] += 1
+        return out
+
+    def table(self, rows: int, frames: int) -> str:
+        """Per frame: the ops' total, the top ``rows`` ops, then the top ``rows`` (op, input shapes)."""
+        by_op: collections.Counter = collections.Counter()
+        for (op, _), s in self.seconds.items():
+            by_op[op] += s
+
+        def ms(seconds: float) -> str:
+            return f"{1000 * seconds / frames:9.2f} ms"
+
+        lines = [f"{ms(sum(by_op.values()))}  all ops, {sum(self.calls.values()) // frames} calls per frame"]
+        lines += [f"{ms(s)}  {op}" for op, s in by_op.most_common(rows)]
+        lines += ["", "per input shapes:"]
+        lines += [f"{ms(s)}  x{self.calls[k] // frames:<4} {k[0]} {list(k[1])}" for k, s in self.seconds.most_common(rows)]
+        return "\n".join(lines)
+
+
 def run(model, cfg, frames: int, warmup: int, seed: int, args) -> dict:
+    if args.op_times and model.device.type == "cuda":
+        raise SystemExit("error: --op-times times CPU ops one by one (CUDA runs them asynchronously); use --profile on a GPU")
     prompts = OmegaConf.to_container(cfg.storyboard.prompts)
     stream = FrameStream(model, cfg, Storyboard.parse(prompts, cfg.storyboard.transition) if prompts else PROMPT, seed)
     decoder = Decoder(stream, cfg.runtime.overlap_decode) if distributed.is_main() else None
@@ -157,7 +199,7 @@ def run(model, cfg, frames: int, warmup: int, seed: int, args) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         activities = [torch.profiler.ProfilerActivity.CPU, *([torch.profiler.ProfilerActivity.CUDA] if cuda else [])]
-        profiler = torch.profiler.profile(activities=activities) if args.profile else contextlib.nullcontext()
+        profiler = torch.profiler.profile(activities=activities) if args.profile else OpTimes() if args.op_times else contextlib.nullcontext()
         start = time.perf_counter()
         with profiler:
             produce(stream, decoder, frames)
@@ -166,6 +208,8 @@ def run(model, cfg, frames: int, warmup: int, seed: int, args) -> dict:
         if args.profile and distributed.is_main():
             by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
             print(profiler.key_averages(group_by_input_shape=True).table(sort_by=by, row_limit=args.profile), file=sys.stderr, flush=True)
+        if args.op_times and distributed.is_main():
+            print(profiler.table(args.op_times, frames), file=sys.stderr, flush=True)
         refbank_mb = stream.refbank.nbytes() / 2**20 if stream.refbank is not None else 0.0
     finally:
         if decoder is not None:
@@ -255,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="print the timed frames' top ROWS ops (by self time, per input shape) to stderr; times include the profiler's overhead")
+    p.add_argument("--op-times", type=int, default=0, metavar="ROWS",
+                   help="CPU: print the timed frames' top ROWS ops by wall time, per frame, to stderr (the run's s/frame then includes the timing's overhead)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_args(argv)
     if args.threads:
@@ -264,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     with distributed.job():
         if args.baseline and args.compare:
             p.error("give --baseline or --compare, not both")
+        if args.op_times and args.profile:
+            p.error("give --profile or --op-times, not both")
         if (args.baseline or args.compare) and distributed.world_size() > 1:
             p.error("comparisons run on one process")
         if args.baseline:
