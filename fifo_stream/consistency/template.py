@@ -107,7 +107,9 @@ def find_object(image: np.ndarray, parts: int) -> ObjectCut | None:
     """The object in ``image`` (H, W, 3) uint8, or None where no pixel stands out from its row. Its
     edge pixels mix the object with the background: each pixel p of part k (median color c) over its
     row's median b has the share alpha = <p - b, c - b> / |c - b|^2 (clamped to [0, 1]), so the object
-    goes onto another background without the old one's fringe."""
+    goes onto another background without the old one's fringe. Each part is cut in its one color c
+    (foreground alpha * c): the template holds the part's color, not the reference frame's accidents
+    (a hat drawn in two tones, which the frames then kept and a reader took for either)."""
     core = object_parts(image, parts)
     if (core < 0).all():
         return None
@@ -115,16 +117,18 @@ def find_object(image: np.ndarray, parts: int) -> ObjectCut | None:
     img = image.astype(np.float32)
     behind = np.broadcast_to(np.median(img, axis=1, keepdims=True), img.shape)
     alpha = np.zeros(labels.shape, np.float32)
+    foreground = np.zeros_like(img)
     for k in range(parts):
         part = labels == k
         if part.any():
-            away = np.median(img[core == k], axis=0) - behind[part]  # (n, 3): the part's color (its core's) less the background
+            color = np.median(img[core == k], axis=0)
+            away = color - behind[part]  # (n, 3): the part's color less the background
             norm = (away * away).sum(1)
             share = ((img[part] - behind[part]) * away).sum(1) / np.maximum(norm, 1e-6)
             alpha[part] = np.where(norm > 1.0, np.clip(share, 0, 1), 1.0)
+            foreground[part] = alpha[part][:, None] * color
     ys, xs = np.nonzero(labels >= 0)
     box = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
-    foreground = (img - (1 - alpha[..., None]) * behind) * (labels >= 0)[..., None]
     return ObjectCut(foreground[box].copy(), alpha[box].copy(), labels[box].copy())
 
 

@@ -191,6 +191,19 @@ def test_a_subject_between_cells_takes_the_template_of_its_offset():
         assert torch.allclose(anchor.correct(moved, torch.tensor([3])), want, atol=1e-5)
 
 
+def test_each_part_of_the_template_is_one_color():
+    """A hat the reference frame drew in two tones is held in its main one (the frames kept both, and
+    the reader took either)."""
+    anchor = template_anchor()
+    reference = hatted(GREEN_PX, (200, 40, 40), top=2, left=3)
+    reference[5, 3:15] = (250, 40, 40)  # the hat's last row in a second tone
+    anchor.take_image(reference)
+    for top, left in ((13, 9), (6, 1)):
+        moved = encode_blocks(hatted(GREEN_PX, (215, 50, 210), top=top, left=left)[None])  # a magenta hat
+        want = moved_by_share(moved, encode_blocks(hatted(GREEN_PX, (200, 40, 40), top=top, left=left)[None]), top, left)
+        assert torch.allclose(anchor.correct(moved, torch.tensor([3])), want, atol=1e-5)
+
+
 def test_cells_the_subject_shares_with_a_new_background_show_that_background():
     """A storyboard's background change: the cells the object half covers mix it with today's background."""
     anchor = template_anchor()
