@@ -94,7 +94,7 @@ def with_rim(labels: np.ndarray, image: np.ndarray, rim: float = 0.1, width: int
 class ObjectCut(NamedTuple):
     """An image's object, to be composited onto other backgrounds (its bounding box)."""
 
-    foreground: np.ndarray  # (h, w, 3) float32: each pixel less the background showing through it (0 outside the object)
+    foreground: np.ndarray  # (h, w, 3) float32: each pixel less the background showing through it, in its part's one color (alpha x color; 0 outside the object)
     alpha: np.ndarray  # (h, w) float32: the object's share of each pixel (0 outside it)
     labels: np.ndarray  # (h, w) int64: :func:`object_parts`' labels (-1: background)
 
