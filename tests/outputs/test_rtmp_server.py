@@ -112,15 +112,16 @@ def test_sink_survives_server_restart(nginx_rtmp):
 @needs_ffprobe
 def test_run_recording_holds_every_frame(nginx_rtmp, tmp_path):
     frames = 8
-    # 2 fps, slower than the model makes frames: no frame is repeated, so the recording holds exactly the run's.
+    # 2 fps, slower than the model makes frames; a frame that comes late all the same (a loaded machine)
+    # is bridged by repeating the last one, as a live stream must: the run's frames in order, repeats allowed.
     proc = cli("generate", PROMPT, "--frames", str(frames), "--out", nginx_rtmp.url("x"), "--out", f"{tmp_path}/png/",
                "--run-dir", str(tmp_path / "run"), *RUN, "video.fps=2")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     nginx_rtmp.stop()
     [recording] = nginx_rtmp.recordings("x")
-    assert count_frames(recording) == frames
-    assert matches(decode(recording), png_frames(tmp_path / "png"), RUN_TOLERANCE) == list(range(frames))
+    assert count_frames(recording) >= frames
+    assert_every_frame_in_order([decode(recording)], png_frames(tmp_path / "png"), RUN_TOLERANCE)
 
 
 def test_run_survives_server_restart(nginx_rtmp, tmp_path):
