@@ -35,20 +35,21 @@ def read_frame(frame: np.ndarray, threshold: float = 40.0) -> Reading:
 
     The background is each row's median color (backgrounds vary only vertically);
     pixels further than ``threshold`` from it are foreground. Each foreground pixel
-    takes the nearest palette color; the most common color's largest 4-connected
+    takes the palette color it shows over that background (:func:`unmixed_color`); the most common color's largest 4-connected
     blob is the body. The hat is the most common other color in the band of rows just above
     the body, over the body's columns. The shape follows from how much of its bounding box
     body and hat fill (square 1, circle pi/4, triangle 1/2) and
     from whether it is much narrower at the top (a triangle).
     """
     rgb = frame.astype(np.float32)
-    foreground = foreground_mask(rgb, threshold)
+    behind = np.broadcast_to(row_median(rgb), rgb.shape)
+    foreground = np.abs(rgb - behind).max(axis=2) > threshold
     if foreground.sum() < 12:
         return Reading(None, None, None)
     names = list(COLORS)
     palette = np.asarray(list(COLORS.values()), dtype=np.float32)
     nearest = np.full(foreground.shape, -1)
-    nearest[foreground] = np.linalg.norm(rgb[foreground][:, None] - palette[None], axis=2).argmin(axis=1)
+    nearest[foreground] = unmixed_color(rgb[foreground], behind[foreground], palette)
     color_index = int(np.bincount(nearest[foreground], minlength=len(palette)).argmax())
     body = _object_mask(nearest == color_index)
     if body.sum() < 12:
@@ -63,6 +64,21 @@ def read_frame(frame: np.ndarray, threshold: float = 40.0) -> Reading:
     return Reading(names[color_index], shape, None if hat_index is None else names[hat_index])
 
 
+def unmixed_color(pixels: np.ndarray, behind: np.ndarray, palette: np.ndarray, fit: float = 20.0) -> np.ndarray:
+    """Index of the palette color each of ``pixels`` (n, 3) shows over its background ``behind`` (n, 3).
+
+    An edge pixel blends the object's color c with the background b, and the nearest color alone
+    misreads it: a red hat's rim on white is pink, nearer magenta than red. A pixel that such a blend
+    a c + (1 - a) b (a in [0, 1]) explains within ``fit`` takes that c; any other (a blend of two
+    object colors, a color of the model's own) takes the nearest palette color."""
+    away = palette[None] - behind[:, None]  # (n, k, 3)
+    share = np.clip(((pixels - behind)[:, None] * away).sum(-1) / np.maximum((away * away).sum(-1), 1e-6), 0, 1)
+    blend_error = np.linalg.norm(pixels[:, None] - behind[:, None] - share[..., None] * away, axis=-1)
+    nearest = np.linalg.norm(pixels[:, None] - palette[None], axis=-1).argmin(axis=1)
+    blend = blend_error.argmin(axis=1)
+    return np.where(blend_error.min(axis=1) < fit, blend, nearest)
+
+
 def read_background(frame: np.ndarray) -> str:
     """The named background closest to the frame's top and bottom rows' median colors."""
     rgb = np.asarray(frame, dtype=np.float32)
@@ -74,7 +90,12 @@ def read_background(frame: np.ndarray) -> str:
 def foreground_mask(frame: np.ndarray, threshold: float = 40.0) -> np.ndarray:
     """Pixels further than ``threshold`` from their row's median color (the background varies only vertically)."""
     rgb = np.asarray(frame, dtype=np.float32)  # no copy when the caller already converted
-    return np.abs(rgb - np.median(rgb, axis=1, keepdims=True)).max(axis=2) > threshold
+    return np.abs(rgb - row_median(rgb)).max(axis=2) > threshold
+
+
+def row_median(rgb: np.ndarray) -> np.ndarray:
+    """(H, 1, 3): each row's median color, the background where it varies only vertically."""
+    return np.median(rgb, axis=1, keepdims=True)
 
 
 def centroid(frame: np.ndarray, threshold: float = 40.0) -> tuple[float, float] | None:
