@@ -8,7 +8,8 @@ reading matches what the prompt names), identity retention (fraction equal to fr
 all three), the longest run of frames that lost frame 0's identity, temporal flicker
 (1 - mean |frame_i - frame_(i-1)| / 255), motion (the object's speed in pixels per frame: a
 control that holds identity by freezing the video shows here), and for each attribute the prompt leaves open
-(the hat; the body color when unnamed): retention, changes per 1,000 frames (a new value
+(the hat; the body color when unnamed): retention (the fraction of frames showing the value the
+video starts with, the first one held for 4 frames), changes per 1,000 frames (a new value
 held for 4 frames or more), frames until the first change, misread frames. A PNG plot of
 each attribute over time is written next to the JSON (or to ``--plot``).
 """
@@ -57,13 +58,21 @@ def runs(values: list) -> list[tuple[int, int, object]]:
     return out
 
 
+def start_value(values: list, hold: int = HOLD) -> object:
+    """The value a video starts with: the first one held for ``hold`` consecutive frames (frame 0's
+    where none is). Frames before it are misreads, as any shorter departure is: a hat still forming
+    in frames 0 and 1 and unreadable there does not make the blue hat of every later frame a change."""
+    return next((value for _, length, value in runs(values) if length >= hold), values[0])
+
+
 def identity(values: list, hold: int = HOLD) -> dict:
-    """How well one attribute keeps frame 0's value over a video.
+    """How well one attribute keeps the value the video starts with (:func:`start_value`).
 
     A change is a new value (not None) held for ``hold`` or more consecutive frames; shorter
     departures from the value in force are misreads of the evaluator, counted apart.
     """
-    current, changes, first_change, misread = values[0], 0, None, 0
+    started = start_value(values, hold)
+    current, changes, first_change, misread = started, 0, None, 0
     for start, length, value in runs(values):
         if value == current:
             continue
@@ -73,13 +82,18 @@ def identity(values: list, hold: int = HOLD) -> dict:
         else:
             misread += length
     return {
-        "frame0": values[0],
-        "retention": float(np.mean([v == values[0] for v in values])),
+        "start": started,
+        "retention": float(np.mean([v == started for v in values])),
         "changes": changes,
         "changes_per_1000": 1000 * changes / len(values),
         "first_change": first_change,  # None: never changed
         "misread_frames": misread,
     }
+
+
+def open_identity(readings: list[world.Reading], attrs) -> dict:
+    """:func:`identity` of each of ``attrs`` ("color", "hat") over per-frame ``readings``."""
+    return {a: identity([getattr(r, a) for r in readings]) for a in attrs}
 
 
 def speed(frames: list[np.ndarray], span: int = SPAN) -> float:
@@ -120,7 +134,7 @@ def evaluate(frames: list[np.ndarray], prompt: str) -> dict:
         "flicker": float(1 - diffs.mean()) if len(diffs) else 1.0,
         "speed": speed(frames),
         "first_frame": list(readings[0]),
-        "open": {a: identity([getattr(r, a) for r in readings]) for a in open_attrs},
+        "open": open_identity(readings, open_attrs),
         "per_frame": {"readings": [list(r) for r in readings], "diff": [round(float(d), 5) for d in diffs]},
     }
 

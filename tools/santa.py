@@ -156,6 +156,14 @@ def run_cell(model, cfg, text: str | list[str], frames: int, seed: int, referenc
     return report
 
 
+def rescored(report: dict) -> dict:
+    """A stored cell with its open attributes scored again from its per-frame readings by today's
+    :func:`eval_consistency.identity`, so a grid resumed across a change of that measure reads as one
+    (the readings themselves are the reader's of the time: the frames are not kept)."""
+    readings = [world.Reading(*r) for r in report["per_frame"]["readings"]]
+    return {**report, "open": eval_consistency.open_identity(readings, report["open"])}
+
+
 def agreement(values: list) -> tuple[bool, float]:
     """(every frame shows one value, the fraction of frames showing the most common one); None (unreadable) never agrees."""
     read = [v for v in values if v is not None]
@@ -359,7 +367,7 @@ def main(argv=None) -> None:
                 report = run_cell(model, cfg, args.prompt or prompt(seed, args.storyboard), args.frames, seed, reference)
                 atomic_write(path, (json.dumps(report) + "\n").encode())
                 print(json.dumps({"setting": name, "seed": seed, **{a: m["retention"] for a, m in report["open"].items()}}), flush=True)
-            cells.setdefault(name, []).append(json.loads(path.read_text()))
+            cells.setdefault(name, []).append(rescored(json.loads(path.read_text())))
     summary = summarize(cells)
     atomic_write(out / "results.json", (json.dumps(summary, indent=1) + "\n").encode())
     atomic_write(out / "results.md", table(summary).encode())

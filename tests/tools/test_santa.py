@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
+import eval_consistency  # noqa: E402
 import santa  # noqa: E402
 
 from fifo_stream import world  # noqa: E402
@@ -69,6 +70,12 @@ def test_a_small_grid_writes_its_cells_and_resumes(tmp_path, capsys):
     santa.main(args)  # every cell is done: nothing is generated again
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == before
     assert '"setting"' not in capsys.readouterr().out
+    stored = json.loads((out / "cells" / "plain-0.json").read_text())
+    stored["open"]["hat"] = {**stored["open"]["hat"], "changes": 999, "retention": -1.0}  # scored by another day's measure
+    (out / "cells" / "plain-0.json").write_text(json.dumps(stored))
+    santa.main(args)  # cells are scored again from their readings
+    hat = eval_consistency.identity([r[2] for r in stored["per_frame"]["readings"]])
+    assert json.loads((out / "results.json").read_text())["plain"]["hat_retention"] == hat["retention"] >= 0
     with pytest.raises(SystemExit, match="unknown setting"):
         santa.main([*base, "--settings", "plain,nonsense"])
 

@@ -253,12 +253,15 @@ def test_evaluator_cli_writes_json_and_plot(tmp_path):
 def test_identity_counts_held_changes_not_misreads():
     values = ["red"] * 10 + ["blue"] * 2 + ["red"] * 5 + [None] * 6 + ["red"] * 3 + ["green"] * 4 + ["red"] * 4
     m = eval_consistency.identity(values)
-    assert m["frame0"] == "red" and m["retention"] == pytest.approx(22 / 34)
+    assert m["start"] == "red" and m["retention"] == pytest.approx(22 / 34)
     assert m["changes"] == 2 and m["first_change"] == 26  # to green at 26, back to red at 30
     assert m["misread_frames"] == 2 + 6  # the 2-frame blue and the unreadable frames
     assert m["changes_per_1000"] == pytest.approx(2000 / 34)
     still = eval_consistency.identity(["red"] * 3 + ["blue"] * 3 + ["red"] * 3)
     assert still["changes"] == 0 and still["first_change"] is None and still["misread_frames"] == 3
+    forming = eval_consistency.identity([None, None, "blue", "blue", "cyan"] + ["blue"] * 10 + ["cyan"] * 4 + ["blue"] * 4)
+    assert forming["start"] == "blue" and forming["retention"] == pytest.approx(16 / 23)
+    assert forming["misread_frames"] == 3 and forming["changes"] == 2 and forming["first_change"] == 15  # frames 0-1 unreadable: misreads
 
 
 def test_evaluator_reports_the_open_attributes(tmp_path):
@@ -269,7 +272,7 @@ def test_evaluator_reports_the_open_attributes(tmp_path):
     assert report["color_accuracy"] is None and report["prompt_accuracy"] == 1.0
     assert set(report["open"]) == {"color", "hat"}
     assert report["open"]["color"]["retention"] == 1.0 and report["open"]["color"]["changes"] == 0
-    assert report["open"]["hat"]["frame0"] == "red" and report["open"]["hat"]["first_change"] == 20
+    assert report["open"]["hat"]["start"] == "red" and report["open"]["hat"]["first_change"] == 20
     named = eval_consistency.evaluate(frames, "a yellow circle moves right on a black background")
     assert set(named["open"]) == {"hat"} and named["color_accuracy"] == 1.0
     eval_consistency.plot(report, tmp_path / "p.png")
