@@ -36,14 +36,14 @@ def read_frame(frame: np.ndarray, threshold: float = 40.0) -> Reading:
     The background is each row's median color (backgrounds vary only vertically);
     pixels further than ``threshold`` from it are foreground. Each foreground pixel
     takes the palette color it shows over that background (:func:`unmixed_color`); the most
-    common color's largest 4-connected blob is the body. The hat is the most common other color in the band of rows just above
-    the body, over the body's columns. The shape follows from how much of its bounding box
-    body and hat fill (square 1, circle pi/4, triangle 1/2) and
-    from whether it is much narrower at the top (a triangle).
+    common color's largest 4-connected blob is the body. The hat is the most common other
+    color in the band of rows just above the body, over the body's columns. The shape follows
+    from how much of its bounding box body and hat fill (square 1, circle pi/4, triangle 1/2)
+    and from whether it is much narrower at the top (a triangle).
     """
     rgb = frame.astype(np.float32)
     behind = np.broadcast_to(row_median(rgb), rgb.shape)
-    foreground = standing_out(rgb, behind, threshold)
+    foreground = _beyond(rgb, behind, threshold)
     if foreground.sum() < 12:
         return Reading(None, None, None)
     names = list(COLORS)
@@ -90,10 +90,10 @@ def read_background(frame: np.ndarray) -> str:
 def foreground_mask(frame: np.ndarray, threshold: float = 40.0) -> np.ndarray:
     """Pixels further than ``threshold`` from their row's median color (the background varies only vertically)."""
     rgb = np.asarray(frame, dtype=np.float32)  # no copy when the caller already converted
-    return standing_out(rgb, row_median(rgb), threshold)
+    return _beyond(rgb, row_median(rgb), threshold)
 
 
-def standing_out(rgb: np.ndarray, behind: np.ndarray, threshold: float) -> np.ndarray:
+def _beyond(rgb: np.ndarray, behind: np.ndarray, threshold: float) -> np.ndarray:
     """Pixels of ``rgb`` (H, W, 3) further than ``threshold`` from ``behind`` in some channel."""
     return np.abs(rgb - behind).max(axis=2) > threshold
 
