@@ -1,6 +1,7 @@
 """Fast-path options: they change how the tick runs, not what it computes (beyond a stated rounding)."""
 
 
+import statistics
 import subprocess
 import sys
 
@@ -108,21 +109,23 @@ cfg = load_config("bench-anchor", ["runtime.keep_freed_memory=" + sys.argv[1], "
 stream = FrameStream(load_model(cfg), cfg, "a red circle", seed=0)
 for _ in range(3):
     stream.decode(stream.next_latent())
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     stream.decode(stream.next_latent())
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_memory_is_kept_so_steady_ticks_do_not_page_fault():
-    def faults(keep):
+    def median_faults_per_tick(keep):
         run = subprocess.run([sys.executable, "-c", FAULTS, keep], capture_output=True, text=True, check=True, cwd=ROOT)
-        return int(run.stdout.split()[-1])
+        return statistics.median(int(n) for n in run.stdout.split())
 
-    kept, default = faults("true"), faults("false")
-    # glibc's default maps and unmaps each large activation: thousands of faults per tick (about 40,000 measured)
+    kept, default = median_faults_per_tick("true"), median_faults_per_tick("false")
+    # glibc's default maps and unmaps each large activation: thousands of faults on every tick
+    # (14,000-45,000 measured). Kept, a tick faults only when the heap grows past its old peak,
+    # which happens on the odd tick (256-2,560 faults) and settles: the median tick has none.
     assert default > 5000 and kept < default / 20, (kept, default)
 
 
