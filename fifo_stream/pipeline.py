@@ -169,7 +169,8 @@ class FrameStream:
         tick = None if given else self.skip + a.reference
         m = self.model
         if a.mode == "template":
-            return TemplateAnchor(a.strength, a.min_level, tick, m.encode, m.decode, m.spatial_factor, m.upscale, settle=self.settings.frames)
+            palette = None if a.palette is None else np.array(a.palette, np.float32)
+            return TemplateAnchor(a.strength, a.min_level, tick, m.encode, m.decode, m.spatial_factor, m.upscale, settle=self.settings.frames, palette=palette)
         return SubjectAnchor(a.strength, a.min_level, a.bands, tick, m.encode, settle=self.settings.frames)
 
     def close(self) -> None:
@@ -185,7 +186,12 @@ class FrameStream:
         return self.model.unet(x, t, ctx, self.settings.fps, attention_kwargs, branches)
 
     def start(self) -> None:
-        """Sample the base clip with plain DDIM (SDEdit from the start clip) and noise it into the queue."""
+        """Sample the base clip with plain DDIM (SDEdit from the start clip) and noise it into the queue.
+
+        A subject anchor whose reference is ``start`` takes it from this clip, which is then sampled again
+        from the same noise with the anchor holding it: the queue starts from frames that show the held
+        look (with a palette, the frames the model drew show their in-between colors until then).
+        """
         b, c, h, w = self.latent_shape
         g = torch.Generator(device=self.model.device).manual_seed(self.seed)
         noise = torch.randn((b, c, self.settings.frames, h, w), generator=g, device=self.model.device)
@@ -195,19 +201,27 @@ class FrameStream:
         if self.start_clip is not None:  # an image is repeated over the window; a video's f frames are the window
             x0 = self.model.encode(self.start_clip.frames).expand(-1, -1, self.settings.frames, -1, -1).contiguous()
             strength = self.start_clip.strength
-        clip = sample_ddim(
-            self._unet, noise, self.cond, self.uncond, self.model.alphas, self.settings.steps,
-            self.settings.guidance_scale, self.settings.eta, g, self.model.scales, self.settings.clip_x0, x0, strength, self.shared_noise,
-        )
-        continues = self.start_clip is not None and self.start_clip.continues
-        clip = distributed.broadcast_(clip)  # rank 0's clip: identical queues on every rank
-        self.begin(clip, continues)
+        s, steps_noise = self.settings, g.get_state()
+
+        def base_clip(correct_x0=None):
+            clip = sample_ddim(
+                self._unet, noise, self.cond, self.uncond, self.model.alphas, s.steps, s.guidance_scale, s.eta, g,
+                self.model.scales, s.clip_x0, x0, strength, self.shared_noise, correct_x0,
+            )
+            return distributed.broadcast_(clip)  # rank 0's clip: identical queues on every rank
+
+        clip, anchor = base_clip(), self.engine.anchor
+        if anchor is not None and anchor.reference_tick is None and self.reference_image is None and self.start_clip is None:
+            anchor.take_reference(clip[0].transpose(0, 1))
+            g.set_state(steps_noise)
+            clip = base_clip(lambda pred, i: anchor.correct(pred, torch.full((s.frames,), i)))
+        self.begin(clip, self.start_clip is not None and self.start_clip.continues)
 
     def begin(self, clip: torch.Tensor, continues: bool = False) -> None:
         """Start the queue from the clean base ``clip`` (1, c, f, h, w): a subject anchor without a
-        frame reference takes its reference here (the reference image, or the clip's medoid frame)."""
+        frame reference that has none yet takes it here (the reference image, or the clip's medoid frame)."""
         anchor = self.engine.anchor
-        if anchor is not None and anchor.reference_tick is None:
+        if anchor is not None and anchor.reference_tick is None and not anchor.references:
             if self.reference_image is not None:
                 anchor.take_image(self.reference_image)
             else:

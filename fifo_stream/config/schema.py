@@ -194,6 +194,10 @@ def _frame_or_path(value: Any) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (isinstance(value, str) and value != "")
 
 
+def _palette(value: Any) -> bool:
+    return value is None or (len(value) > 0 and all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in value))
+
+
 @dataclass
 class RefBankConfig:
     """Reference key/value bank in the spatial self-attention (attn1)."""
@@ -221,6 +225,9 @@ class AnchorConfig:
     bands: int = option(2, POSITIVE)  # mode bands: horizontal bands of the subject whose colors are kept apart (e.g. a hat and a body)
     # the emitted frame number of the reference frame; start: the medoid frame of the clip the queue starts from; or an image's path
     reference: Any = option(0, Rule(_frame_or_path, "an emitted frame number >= 0, start or an image path"))
+    # mode template: the colors the model draws ([[r, g, b], ...]); each part of an object the model drew is held in
+    # the nearest of them, not in its own color, which may lie between two (a user's image keeps its own); null: off
+    palette: Optional[list[list[int]]] = option(None, Rule(_palette, "null or a list of [r, g, b] colors, each 0-255"))
 
 
 @dataclass

@@ -103,13 +103,19 @@ class ObjectCut(NamedTuple):
         return self.foreground + (1 - self.alpha[..., None]) * background
 
 
-def find_object(image: np.ndarray, parts: int) -> ObjectCut | None:
+def nearest_color(color: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """The color of ``palette`` (k, 3) nearest to ``color`` (3,) in RGB."""
+    return palette[np.linalg.norm(palette - color, axis=1).argmin()]
+
+
+def find_object(image: np.ndarray, parts: int, palette: np.ndarray | None = None) -> ObjectCut | None:
     """The object in ``image`` (H, W, 3) uint8, or None where no pixel stands out from its row. Its
     edge pixels mix the object with the background: each pixel p of part k (median color c) over its
     row's median b has the share alpha = <p - b, c - b> / |c - b|^2 (clamped to [0, 1]), so the object
     goes onto another background without the old one's fringe. Each part is cut in its one color c
     (foreground alpha * c): the template holds the part's color, not the reference frame's accidents
-    (a hat drawn in two tones, which the frames then kept and a reader took for either)."""
+    (a hat drawn in two tones, which the frames then kept and a reader took for either). With a
+    ``palette`` (k, 3) each part is cut in the palette color nearest to c instead."""
     core = object_parts(image, parts)
     if (core < 0).all():
         return None
@@ -126,7 +132,7 @@ def find_object(image: np.ndarray, parts: int) -> ObjectCut | None:
             norm = (away * away).sum(1)
             share = ((img[part] - behind[part]) * away).sum(1) / np.maximum(norm, 1e-6)
             alpha[part] = np.where(norm > 1.0, np.clip(share, 0, 1), 1.0)
-            foreground[part] = alpha[part][:, None] * color
+            foreground[part] = alpha[part][:, None] * (color if palette is None else nearest_color(color, palette))
     ys, xs = np.nonzero(labels >= 0)
     box = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
     return ObjectCut(foreground[box].copy(), alpha[box].copy(), labels[box].copy())
@@ -202,12 +208,16 @@ class TemplateAnchor(SceneReferences):
     template, the cells the object only partly covers moved by the uncovered fraction of the
     difference of the two row backgrounds (exact for a linear codec). ``encode``/``decode`` are the
     model's (uint8 frames at the video size <-> latents), ``factor`` its pixels per latent cell and
-    ``step`` the offsets' spacing in pixels; the rest as :class:`SubjectAnchor`.
+    ``step`` the offsets' spacing in pixels. With a ``palette`` (k, 3) of the colors the model draws, an
+    object the model drew (not the user's image) is held in the nearest of them, part by part: a part
+    drawn between two of them, held as drawn, lets the frames fall to either side. The rest as :class:`SubjectAnchor`.
     """
 
-    def __init__(self, strength: float, min_level: int, reference_tick: int | None, encode, decode, factor: int, step: int, parts: int = 2, settle: int = 0):
+    def __init__(self, strength: float, min_level: int, reference_tick: int | None, encode, decode, factor: int, step: int,
+                 parts: int = 2, settle: int = 0, palette: np.ndarray | None = None):
         super().__init__(strength, min_level, reference_tick, settle)
         self.encode, self.decode, self.factor, self.step, self.parts = encode, decode, int(factor), int(step), int(parts)
+        self.palette = palette
 
     def _template(self, cut: ObjectCut | None, image: np.ndarray) -> Template | None:
         """The template of the object ``cut`` on ``image``'s background."""
@@ -224,7 +234,7 @@ class TemplateAnchor(SceneReferences):
 
     def reference_from(self, latent: torch.Tensor) -> Template | None:
         image = self._image(latent)
-        return self._template(find_object(image, self.parts), image)
+        return self._template(find_object(image, self.parts, self.palette), image)
 
     def keep_onto(self, previous: Template | None, latent: torch.Tensor) -> Template | None:
         if previous is None or previous.cut is None:  # nothing to keep, or a checkpoint without the object's pixels
@@ -241,7 +251,7 @@ class TemplateAnchor(SceneReferences):
         images = self.decode(z.transpose(0, 1)[None])[0].numpy()
         image = images[aligned_medoid(images)]
         self.references = {}
-        self._store(0, self._template(find_object(image, self.parts), image))
+        self._store(0, self._template(find_object(image, self.parts, self.palette), image))
 
     def correct(self, x0: torch.Tensor, levels: torch.Tensor, scenes: torch.Tensor | None = None, renew: Sequence[bool] = ()) -> torch.Tensor:
         """``x0`` (1, c, F, h, w) of frames at ``levels`` (F,) of storyboard ``scenes`` (F,; None: the first),

@@ -98,6 +98,7 @@ def sample_ddim(
     x0: torch.Tensor | None = None,
     strength: float = 1.0,
     noise_mix: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    correct_x0: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Plain guided DDIM from ``noise`` (b, c, f, h, w) over VideoCrafter's uniform timesteps.
 
@@ -106,6 +107,8 @@ def sample_ddim(
     ``round(strength * steps)`` and runs the steps below it: 0 returns ``x0``, 1 runs them all.
     ``noise_mix(noise, t)`` transforms every noise latent that enters at timestep ``t``, the
     starting noise included (e.g. :class:`~fifo_stream.sampling.shared_noise.SharedNoise`).
+    ``correct_x0(x0, i)`` replaces step ``i``'s predicted clean sample (:func:`ddim_step`'s ``correct_x0``;
+    ``i`` counts up from the least noisy step, as FIFO's level indices do).
     """
     mix = noise_mix or (lambda z, i: z)
     ts = ddim_timesteps(steps, len(alphas))
@@ -121,5 +124,6 @@ def sample_ddim(
         t = torch.full((b, f), int(ts[i]), device=x.device)
         eps = guided_eps(unet, x, t, cond, uncond, scale)
         z = mix(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), int(ts[i])) if eta > 0 else None
-        x = ddim_step(x, eps, a_t[i].to(x), a_prev[i].to(x), eta, z, s_t[i].to(x), s_prev[i].to(x), clip_x0)
+        correct = None if correct_x0 is None else (lambda x0, i=i: correct_x0(x0, i))
+        x = ddim_step(x, eps, a_t[i].to(x), a_prev[i].to(x), eta, z, s_t[i].to(x), s_prev[i].to(x), clip_x0, correct)
     return x

@@ -12,6 +12,7 @@ from fifo_stream.consistency.storyboard import Storyboard
 from fifo_stream.errors import FifoStreamError
 from fifo_stream.models.loading import load_model
 from fifo_stream.pipeline import FrameStream
+from fifo_stream.sampling.ddim import sample_ddim
 
 
 def scene(body, hat, top, left, height=3, width=3, size=8):
@@ -100,6 +101,26 @@ def test_a_start_reference_acts_from_the_first_frame_and_resumes_exactly(tmp_pat
     assert all(np.array_equal(x, y) for x, y in zip(straight, resumed))
     plain = FrameStream(model, load_config("tiny-random"), "a blue square", seed=3)
     assert not np.array_equal(next(plain), straight[0])  # corrected since the queue started: frame 0 too
+
+
+def test_a_start_reference_is_taken_from_the_base_clip_which_is_then_sampled_again_held_by_the_anchor(monkeypatch):
+    cfg = load_config("tiny-random", ["consistency.anchor.enabled=true", "consistency.anchor.reference=start", "consistency.anchor.mode=template"])
+    model = load_model(cfg)
+    begun = []
+    monkeypatch.setattr(FrameStream, "begin", lambda self, clip, continues=False: begun.append(clip))
+    stream = FrameStream(model, cfg, "a blue square", seed=3)
+    stream.start()
+    s = stream.settings
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn((1, 4, s.frames, *stream.latent_shape[2:]), generator=g)
+    ddim = (stream._unet, noise, stream.cond, stream.uncond, model.alphas, s.steps, s.guidance_scale, s.eta)
+    plain = sample_ddim(*ddim, torch.Generator().manual_seed(3).set_state(g.get_state()), model.scales, s.clip_x0)
+    taken = TemplateAnchor(1.0, 0, None, model.encode, model.decode, model.spatial_factor, model.upscale)
+    taken.take_reference(plain[0].transpose(0, 1))
+    assert torch.equal(stream.engine.anchor.references[0].patches, taken.references[0].patches)  # taken from the plain clip
+    held = sample_ddim(*ddim, torch.Generator().manual_seed(3).set_state(g.get_state()), model.scales, s.clip_x0,
+                       correct_x0=lambda x0, i: taken.correct(x0, torch.full((s.frames,), i)))
+    assert torch.equal(begun[0], held) and not torch.allclose(held, plain, atol=1e-3)  # the queue starts from the held clip
 
 
 def test_a_reference_image_gives_the_anchor_its_colors_and_must_be_passed(tiny):
@@ -202,6 +223,26 @@ def test_each_part_of_the_template_is_one_color():
         moved = encode_blocks(hatted(GREEN_PX, (215, 50, 210), top=top, left=left)[None])  # a magenta hat
         want = moved_by_share(moved, encode_blocks(hatted(GREEN_PX, (200, 40, 40), top=top, left=left)[None]), top, left)
         assert torch.allclose(anchor.correct(moved, torch.tensor([3])), want, atol=1e-5)
+
+
+PALETTE = np.array([RED_PX, YELLOW_PX, GREEN_PX, BLUE_PX], np.float32)
+
+
+def test_a_palette_holds_each_part_the_model_drew_in_its_nearest_color_and_a_users_image_as_it_is():
+    """An orange hat (the model's draw between red and yellow) and an off-blue body are held yellow and blue."""
+    drawn = hatted((60, 90, 220), (230, 165, 53), 4, 4)  # cell-aligned: decoded exactly
+    anchor = TemplateAnchor(1.0, 0, None, encode_blocks, decode_blocks, FACTOR, 1, palette=PALETTE)
+    anchor.take_reference(encode_blocks(drawn[None])[0].transpose(0, 1))
+    clean = template_anchor()
+    clean.take_image(hatted(BLUE_PX, YELLOW_PX, 4, 4))
+    assert torch.allclose(anchor.references[0].patches, clean.references[0].patches, atol=1e-6)
+    # an emitted frame's (or a renewed scene's) object is the model's too
+    assert torch.allclose(anchor.reference_from(encode_blocks(drawn[None])[:, :, 0]).patches, clean.references[0].patches, atol=1e-6)
+    anchor.take_image(drawn)
+    as_given = template_anchor()
+    as_given.take_image(drawn)
+    assert torch.equal(anchor.references[0].patches, as_given.references[0].patches)
+    assert not torch.allclose(as_given.references[0].patches, clean.references[0].patches, atol=0.05)
 
 
 def test_cells_the_subject_shares_with_a_new_background_show_that_background():

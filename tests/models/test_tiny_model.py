@@ -95,6 +95,10 @@ def test_the_default_config_is_the_shipped_model():
     assert (ROOT / "models" / "tiny-shapes.md").exists()
 
 
+def test_the_anchors_palette_is_the_colors_the_model_was_trained_to_draw():
+    assert [tuple(c) for c in load_config("tiny").consistency.anchor.palette] == list(world.COLORS.values())
+
+
 @pytest.fixture(scope="module")
 def shipped():
     cfg = load_config("tiny")
