@@ -213,8 +213,9 @@ class FrameStream:
         clip, anchor = base_clip(), self.engine.anchor
         if anchor is not None and anchor.reference_tick is None and self.reference_image is None and self.start_clip is None:
             anchor.take_reference(clip[0].transpose(0, 1))
-            g.set_state(steps_noise)
-            clip = base_clip(lambda pred, i: anchor.correct(pred, torch.full((s.frames,), i)))
+            if anchor.references:  # a clip without a subject gives none: the clip again would be the same
+                g.set_state(steps_noise)
+                clip = base_clip(lambda pred, i: anchor.correct(pred, torch.full((s.frames,), i)))
         self.begin(clip, self.start_clip is not None and self.start_clip.continues)
 
     def begin(self, clip: torch.Tensor, continues: bool = False) -> None:
