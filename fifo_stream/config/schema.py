@@ -228,6 +228,9 @@ class AnchorConfig:
     # mode template: the colors the model draws ([[r, g, b], ...]); each part of an object the model drew is held in
     # the nearest of them, not in its own color, which may lie between two (a user's image keeps its own); null: off
     palette: Optional[list[list[int]]] = option(None, Rule(_palette, "null or a list of [r, g, b] colors, each 0-255"))
+    # mode template: template cells the subject covers at least this share of move all the way, the others by
+    # share / full_cover (1: each by its share, the model draws the rim; lower holds more of the rim)
+    full_cover: float = option(1.0, Rule(lambda v: 0 < v <= 1, "a number in (0, 1]"))
 
 
 @dataclass

@@ -199,14 +199,16 @@ class TemplateAnchor(SceneReferences):
     a hat and a body) makes a :class:`Template` on its own background. A frame's subject is located
     by its layout, whatever its colors: the offset and cell position where the frame's cells are best
     explained as the background plus each part's coverage times a free color (least squares). The
-    cells there move by ``strength * share * (patch - cells)``, ``share`` the object's part of the cell,
-    so hat and body keep their own colors and place, which band means mix, and the rim is mostly the model's.
+    cells there move by ``strength * w * (patch - cells)``, ``w = min(1, share / full_cover)`` and ``share``
+    the object's part of the cell, so hat and body keep their own colors and place, which band means mix,
+    and the rim is mostly the model's (``full_cover`` 1: each cell by its share; lower: cells the object
+    covers at least that much are held whole).
 
     Storyboards: each scene gets its own template from its frame number ``settle``: the object
     composited in pixels onto that frame's background (a scene that keeps the subject; see
     :func:`find_object`), or the object that frame shows (a scene that renews it). Until then a keeping scene's frames use the previous scene's
-    template, the cells the object only partly covers moved by the uncovered fraction of the
-    difference of the two row backgrounds (exact for a linear codec). ``encode``/``decode`` are the
+    template, the cells not held whole moved by ``1 - w`` of the difference of the two row
+    backgrounds (with ``full_cover`` 1 the uncovered fraction: exact for a linear codec). ``encode``/``decode`` are the
     model's (uint8 frames at the video size <-> latents), ``factor`` its pixels per latent cell and
     ``step`` the offsets' spacing in pixels. With a ``palette`` (k, 3) of the colors the model draws, an
     object the model drew (not the user's image) is held in the nearest of them, part by part: a part
@@ -214,10 +216,10 @@ class TemplateAnchor(SceneReferences):
     """
 
     def __init__(self, strength: float, min_level: int, reference_tick: int | None, encode, decode, factor: int, step: int,
-                 parts: int = 2, settle: int = 0, palette: np.ndarray | None = None):
+                 parts: int = 2, settle: int = 0, palette: np.ndarray | None = None, full_cover: float = 1.0):
         super().__init__(strength, min_level, reference_tick, settle)
         self.encode, self.decode, self.factor, self.step, self.parts = encode, decode, int(factor), int(step), int(parts)
-        self.palette = palette
+        self.palette, self.full_cover = palette, float(full_cover)
 
     def _template(self, cut: ObjectCut | None, image: np.ndarray) -> Template | None:
         """The template of the object ``cut`` on ``image``'s background."""
@@ -265,16 +267,20 @@ class TemplateAnchor(SceneReferences):
         for template, frames in groups.values():
             z = x0[0, :, frames].transpose(0, 1).float()  # (n, c, h, w)
             background = row_background(z)
-            (ph, pw), covered = template.patches.shape[-2:], template.covered.to(z)
+            ph, pw = template.patches.shape[-2:]
+            moved = (template.covered.to(z) / self.full_cover).clamp(max=1)
             for i, (o, y, x) in enumerate(self._place(z - background, template)):
                 target = template.patches[o].to(z)
                 if template.background is not None:
-                    target = target + (1 - covered[o]) * (background[i, :, y : y + ph] - template.background[o].to(z))
+                    target = target + (1 - moved[o]) * (background[i, :, y : y + ph] - template.background[o].to(z))
                 region = z[i, :, y : y + ph, x : x + pw]
-                # each cell moves by the object's share of it: moving the rim (cells it partly covers) all the
-                # way pinned the reference's outline, which mixed with the shape the prompt names (a triangle's
-                # apex, a square's corners went round); the model draws the rim, the template holds the colors
-                z[i, :, y : y + ph, x : x + pw] = region + self.strength * covered[o] * (target - region)
+                # a cell moves by the object's share of it: moving the rim (cells it partly covers) all the way
+                # pinned the reference's outline, which mixed with the shape the prompt names (a triangle's apex,
+                # a square's corners went round); the model draws the rim, the template holds the colors. What the
+                # model draws in the rest of a mostly covered cell can still turn a small part to its own color
+                # (a hat half out of the frame): full_cover < 1 holds such cells whole, the template's background
+                # in them included (shifting it to the frame's row background turned seed 4's hat red again)
+                z[i, :, y : y + ph, x : x + pw] = region + self.strength * moved[o] * (target - region)
             out[0, :, frames] = z.transpose(0, 1).to(out.dtype)
         return out
 

@@ -47,6 +47,7 @@ BAD = {
     "consistency.anchor.mode=cells": "consistency.anchor.mode='cells'",
     "consistency.anchor.reference=-1": "consistency.anchor.reference=-1",
     "consistency.anchor.palette=[[255,0,256]]": "a list of [r, g, b] colors, each 0-255",
+    "consistency.anchor.full_cover=0": "a number in (0, 1]",
     "video.fps=0": "video.fps=0 is invalid: it must be a positive integer",
     "video.width=100": "video.width=100 is invalid: it must be a positive multiple of 16",
     "output.crf=64": "an integer from 0 to 63",

@@ -182,8 +182,8 @@ def moved_by_share(frame: torch.Tensor, target: torch.Tensor, top: int, left: in
     return frame + covered(top, left) * (target - frame)
 
 
-def template_anchor(strength=1.0, min_level=0, reference_tick=None):
-    return TemplateAnchor(strength, min_level, reference_tick, encode_blocks, decode_blocks, FACTOR, 1)
+def template_anchor(strength=1.0, min_level=0, reference_tick=None, full_cover=1.0):
+    return TemplateAnchor(strength, min_level, reference_tick, encode_blocks, decode_blocks, FACTOR, 1, full_cover=full_cover)
 
 
 RED_PX, GREEN_PX, BLUE_PX, YELLOW_PX = (230, 40, 40), (40, 190, 60), (50, 80, 235), (235, 215, 40)
@@ -259,6 +259,25 @@ def test_cells_the_subject_shares_with_a_new_background_show_that_background():
     on_white = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=13, left=9, background=(235, 235, 235))[None])
     full = (covered(13, 9) == 1).expand_as(on_white)  # cells wholly under the object move all the way
     assert full.any() and torch.allclose(old.correct(on_white, torch.tensor([0]))[full], gray_edges[full], atol=1e-5)
+
+
+def test_cells_held_whole_keep_the_templates_background_and_the_others_shift_by_what_they_are_not_held():
+    """full_cover 0.5: a cell the object covers at least half of becomes the template's cell as it is (the
+    reference's gray edges included); one it covers less moves by twice its share, its background part
+    shifted to today's background by the rest."""
+    anchor = template_anchor(full_cover=0.5)
+    anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))  # on gray
+    on_white = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=13, left=9, background=(235, 235, 235))[None])
+    gray_edges = encode_blocks(hatted(RED_PX, GREEN_PX, top=13, left=9)[None])
+    white_edges = encode_blocks(hatted(RED_PX, GREEN_PX, top=13, left=9, background=(235, 235, 235))[None])
+    share = covered(13, 9).expand_as(on_white)
+    weight = (share / 0.5).clamp(max=1)
+    held, part = (share >= 0.5) & (share < 1), (share > 0) & (share < 0.5)
+    assert held.any() and part.any()
+    out = anchor.correct(on_white, torch.tensor([0]))
+    assert torch.allclose(out[held], gray_edges[held], atol=1e-5) and not torch.allclose(gray_edges[held], white_edges[held], atol=0.1)
+    target = gray_edges + (1 - weight) * (white_edges - gray_edges) / (1 - share).clamp(min=1e-6)  # the background part, shifted by 1 - w
+    assert torch.allclose(out[part], (on_white + weight * (target - on_white))[part], atol=1e-5)
 
 
 def test_the_template_acts_only_at_its_levels_and_resumes_from_its_state():
@@ -384,16 +403,20 @@ def test_the_cut_keeps_the_objects_soft_rim_and_thin_parts():
     assert np.abs(pasted - image[5:24, 8:23]).max() <= 3
 
 
-def test_the_rim_of_the_frames_subject_moves_by_the_objects_share():
+@pytest.mark.parametrize("full_cover", [1.0, 0.5])
+def test_the_rim_of_the_frames_subject_moves_by_the_objects_share(full_cover):
     """A cell the object covers a quarter of moves a quarter of the way: the model draws the outline,
-    which is the shape the prompt names, not the reference's."""
-    anchor = template_anchor()
+    which is the shape the prompt names, not the reference's. With ``full_cover`` f a cell moves by
+    share / f, all the way where the object covers at least f of it."""
+    anchor = template_anchor(full_cover=full_cover)
     anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))
     moved = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=15, left=9)[None])
     want = encode_blocks(hatted(RED_PX, GREEN_PX, top=15, left=9)[None])
     out = anchor.correct(moved, torch.tensor([0]))
     share = covered(15, 9).expand_as(moved)
     assert set(share.unique().tolist()) == {0.0, 0.0625, 0.1875, 0.25, 0.5625, 0.75, 1.0}  # a rim of several shares
-    part = (share > 0) & (share < 1)
-    assert torch.allclose(out[part], (moved + share * (want - moved))[part], atol=1e-5)
-    assert torch.allclose(out[share == 1], want[share == 1], atol=1e-5) and torch.equal(out[share == 0], moved[share == 0])
+    weight = (share / full_cover).clamp(max=1)
+    part, full = (weight > 0) & (weight < 1), weight == 1
+    assert torch.allclose(out[part], (moved + weight * (want - moved))[part], atol=1e-5)
+    assert torch.allclose(out[full], want[full], atol=1e-5) and torch.equal(out[share == 0], moved[share == 0])
+    assert full.sum() > (share == 1).sum() if full_cover < 1 else torch.equal(full, share == 1)
