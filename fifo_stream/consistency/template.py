@@ -269,18 +269,21 @@ class TemplateAnchor(SceneReferences):
             background = row_background(z)
             ph, pw = template.patches.shape[-2:]
             moved = (template.covered.to(z) / self.full_cover).clamp(max=1)
+            h, w = z.shape[-2:]
             for i, (o, y, x) in enumerate(self._place(z - background, template)):
-                target = template.patches[o].to(z)
+                top, left, bottom, right = max(y, 0), max(x, 0), min(y + ph, h), min(x + pw, w)
+                inside = (slice(None), slice(top - y, bottom - y), slice(left - x, right - x))  # the patch's cells in the frame
+                target = template.patches[o][inside].to(z)
                 if template.background is not None:
-                    target = target + (1 - moved[o]) * (background[i, :, y : y + ph] - template.background[o].to(z))
-                region = z[i, :, y : y + ph, x : x + pw]
+                    target = target + (1 - moved[o][inside]) * (background[i, :, top:bottom] - template.background[o][:, top - y : bottom - y].to(z))
+                region = z[i, :, top:bottom, left:right]
                 # a cell moves by the object's share of it: moving the rim (cells it partly covers) all the way
                 # pinned the reference's outline, which mixed with the shape the prompt names (a triangle's apex,
                 # a square's corners went round); the model draws the rim, the template holds the colors. What the
                 # model draws in the rest of a mostly covered cell can still turn a small part to its own color
                 # (a hat half out of the frame): full_cover < 1 holds such cells whole, the template's background
                 # in them included (shifting it to the frame's row background turned seed 4's hat red again)
-                z[i, :, y : y + ph, x : x + pw] = region + self.strength * moved[o] * (target - region)
+                z[i, :, top:bottom, left:right] = region + self.strength * moved[o][inside] * (target - region)
             out[0, :, frames] = z.transpose(0, 1).to(out.dtype)
         return out
 
@@ -288,13 +291,18 @@ class TemplateAnchor(SceneReferences):
     def _place(d: torch.Tensor, template: Template) -> list[tuple[int, int, int]]:
         """(offset, row, column) of the subject in each frame of ``d`` (n, c, h, w), frames less their row
         backgrounds: the least-squares fit cells ~ sum_j parts_j * color_j (colors free, per channel)
-        whose explained energy r^T G^-1 r (G the parts' Gram matrix) is largest."""
+        whose explained energy r^T G^-1 r (G the parts' Gram matrix) is largest. The patch may hang one
+        row or column past the frame's edge where the object does not cover it at that offset (the margin
+        a patch keeps for the offsets): a subject by the border is placed where it is, not a cell inward.
+        Row and column are the patch's top left (-1 where it hangs past the top or left edge)."""
         parts = template.part_coverage.to(d)
         (n, c, h, w), (O, k, ph, pw) = d.shape, parts.shape
-        r = F.conv2d(d.reshape(n * c, 1, h, w), parts.reshape(O * k, 1, ph, pw)).view(n, c, O, k, -1)
+        r = F.conv2d(F.pad(d, (1, 1, 1, 1)).reshape(n * c, 1, h + 2, w + 2), parts.reshape(O * k, 1, ph, pw)).view(n, c, O, k, -1)
         explained = torch.einsum("ncoil,oij,ncojl->nol", r, template.gram_inverse.to(d), r)  # (n, O, L)
-        sh, sw = h - ph + 1, w - pw + 1
-        return [(i // (sh * sw), i % (sh * sw) // sw, i % sw) for i in explained.flatten(1).argmax(1).tolist()]
+        outside = F.conv2d(F.pad(d.new_zeros(1, 1, h, w), (1, 1, 1, 1), value=1.0), template.covered.to(d)).view(1, O, -1)
+        explained = explained.masked_fill(outside > 0, float("-inf"))  # no covered cell outside the frame
+        sh, sw = h - ph + 3, w - pw + 3
+        return [(i // (sh * sw), i % (sh * sw) // sw - 1, i % sw - 1) for i in explained.flatten(1).argmax(1).tolist()]
 
     def reference_state(self, reference: Template) -> dict:
         return reference.state_dict()

@@ -212,6 +212,18 @@ def test_a_subject_between_cells_takes_the_template_of_its_offset():
         assert torch.allclose(anchor.correct(moved, torch.tensor([3])), want, atol=1e-5)
 
 
+def test_a_subject_in_the_frames_last_cells_is_placed_where_it_is():
+    """The patch keeps a margin cell for the offsets; by the bottom or right edge that margin hangs past
+    the frame (the object does not cover it), and the subject is still held where it is, not a cell inward."""
+    anchor = template_anchor()
+    anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))
+    assert anchor.references[0].patches.shape[-2:] == (4, 4)  # 12 pixels: 3 cells and the margin
+    for top, left in ((20, 9), (6, 20), (20, 20)):
+        moved = encode_blocks(hatted(RED_PX, (215, 50, 210), top=top, left=left)[None])
+        want = moved_by_share(moved, encode_blocks(hatted(RED_PX, GREEN_PX, top=top, left=left)[None]), top, left)
+        assert torch.allclose(anchor.correct(moved, torch.tensor([3])), want, atol=1e-5)
+
+
 def test_each_part_of_the_template_is_one_color():
     """A hat the reference frame drew in two tones is held in its main one (the frames kept both, and
     the reader took either)."""
