@@ -293,8 +293,8 @@ class TemplateAnchor(SceneReferences):
         backgrounds: the least-squares fit cells ~ sum_j parts_j * color_j (colors free, per channel)
         whose explained energy r^T G^-1 r (G the parts' Gram matrix) is largest. The patch may hang one
         row or column past the frame's edge where the object does not cover it at that offset (the margin
-        a patch keeps for the offsets): a subject by the border is placed where it is, not a cell inward.
-        Row and column are the patch's top left (-1 where it hangs past the top or left edge)."""
+        a patch keeps below and right of the object for the offsets): a subject by the bottom or right
+        border is placed where it is, not a cell inward. Row and column are the patch's top left."""
         parts = template.part_coverage.to(d)
         (n, c, h, w), (O, k, ph, pw) = d.shape, parts.shape
         r = F.conv2d(F.pad(d, (1, 1, 1, 1)).reshape(n * c, 1, h + 2, w + 2), parts.reshape(O * k, 1, ph, pw)).view(n, c, O, k, -1)
