@@ -295,14 +295,15 @@ class TemplateAnchor(SceneReferences):
         row or column past the frame's edge where the object does not cover it at that offset (the margin
         a patch keeps below and right of the object for the offsets): a subject by the bottom or right
         border is placed where it is, not a cell inward. Row and column are the patch's top left."""
-        parts = template.part_coverage.to(d)
+        parts, margin = template.part_coverage.to(d), 1  # the frame is padded by the patch's margin on every side
         (n, c, h, w), (O, k, ph, pw) = d.shape, parts.shape
-        r = F.conv2d(F.pad(d, (1, 1, 1, 1)).reshape(n * c, 1, h + 2, w + 2), parts.reshape(O * k, 1, ph, pw)).view(n, c, O, k, -1)
+        pad = (margin,) * 4
+        r = F.conv2d(F.pad(d, pad).reshape(n * c, 1, h + 2 * margin, w + 2 * margin), parts.reshape(O * k, 1, ph, pw)).view(n, c, O, k, -1)
         explained = torch.einsum("ncoil,oij,ncojl->nol", r, template.gram_inverse.to(d), r)  # (n, O, L)
-        outside = F.conv2d(F.pad(d.new_zeros(1, 1, h, w), (1, 1, 1, 1), value=1.0), template.covered.to(d)).view(1, O, -1)
+        outside = F.conv2d(F.pad(d.new_zeros(1, 1, h, w), pad, value=1.0), template.covered.to(d)).view(1, O, -1)
         explained = explained.masked_fill(outside > 0, float("-inf"))  # no covered cell outside the frame
-        sh, sw = h - ph + 3, w - pw + 3
-        return [(i // (sh * sw), i % (sh * sw) // sw - 1, i % sw - 1) for i in explained.flatten(1).argmax(1).tolist()]
+        sh, sw = h - ph + 1 + 2 * margin, w - pw + 1 + 2 * margin  # the patch positions in the padded frame
+        return [(i // (sh * sw), i % (sh * sw) // sw - margin, i % sw - margin) for i in explained.flatten(1).argmax(1).tolist()]
 
     def reference_state(self, reference: Template) -> dict:
         return reference.state_dict()
