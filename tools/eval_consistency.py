@@ -29,6 +29,7 @@ from fifo_stream import world  # noqa: E402
 
 HOLD = 4  # frames a new value must hold to count as a change, not a misread
 SPAN = 4  # frames over which motion is measured (a misread or jittering frame averages out)
+AXIS_WINDOW = 8  # frames over which the axis of motion is judged: a window of the model, long enough that jitter averages out
 
 
 def read_frames(path: str | Path) -> list[np.ndarray]:
@@ -101,6 +102,23 @@ def speed(frames: list[np.ndarray], span: int = SPAN) -> float:
     centers = [world.centroid(f) for f in frames]
     moves = [np.hypot(b[0] - a[0], b[1] - a[1]) / span for a, b in zip(centers, centers[span:]) if a is not None and b is not None]
     return float(np.median(moves)) if moves else 0.0
+
+
+def along_axis(centers: list[tuple[float, float] | None], direction: str, window: int = AXIS_WINDOW) -> list[bool]:
+    """Per frame: does the object move along ``direction``'s axis (horizontal for left and right)? The
+    world bounces objects off the borders, so a caption's direction fixes the axis of motion (its
+    component is the larger, within 40 degrees) and only the first leg's sign: the path travelled along
+    each axis over the ``window`` frames around a frame (absolute steps, so a bounce does not cancel
+    them) says which axis it is. Frames with no step read (no object) do not follow."""
+    xy = np.array([c if c is not None else (np.nan, np.nan) for c in centers], dtype=np.float64).reshape(-1, 2)
+    steps = np.abs(np.diff(xy, axis=0))
+    named = 0 if direction in ("left", "right") else 1
+    out = []
+    for i in range(len(xy)):
+        around = steps[max(0, i - window // 2) : i + window // 2]
+        read = around[~np.isnan(around).any(axis=1)]
+        out.append(bool(len(read)) and read[:, named].sum() > read[:, 1 - named].sum())
+    return out
 
 
 def evaluate(frames: list[np.ndarray], prompt: str) -> dict:

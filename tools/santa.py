@@ -18,7 +18,9 @@ held >= 4 frames) and frames until the first change for each open attribute.
 
 ``--storyboard`` runs three scenes that never name the color (direction and background change
 at frames 600 and 1,200; use --frames 1800 or more) to measure identity across scene changes; each
-cell also reports, per scene, the fraction of its frames that show the background it names.
+cell also reports, per scene, the fraction of its frames that show the background it names and that
+move along the axis of the direction it names (objects bounce off the borders: the axis is what a
+caption's direction fixes).
 
 ``--windows N`` checks the model first: N plain DDIM clips of one window (every frame at one
 noise level, no FIFO), the color left open. Controls that carry identity from window to window
@@ -121,14 +123,18 @@ def reference_image(text: str, seed: int, colors: tuple[str, str], size: int) ->
 
 
 def scene_following(video: list[np.ndarray], story: Storyboard) -> list[dict]:
-    """Per scene: the fraction of its frames showing the background it names. (Its direction is not
-    scored: objects bounce off the borders, so a frame's motion may rightly oppose the caption's.)"""
+    """Per scene: the fraction of its frames showing the background it names, and of those moving along
+    the axis of the direction it names (:func:`eval_consistency.along_axis`; objects bounce off the borders,
+    so a frame's motion may rightly oppose the caption's sign). Where two scenes name the same axis
+    (left, then right) the second's direction cannot be told from the first's."""
     out = []
     for j, scene in enumerate(story.scenes):
         frames = video[scene.frame : story.scenes[j + 1].frame if j + 1 < len(story.scenes) else len(video)]
         if frames:
-            background = world.parse_caption(scene.prompt)[1]
-            out.append({"frame": scene.frame, "prompt": scene.prompt, "background": float(np.mean([world.read_background(f) == background for f in frames]))})
+            _, background, direction = world.parse_caption(scene.prompt)
+            along = eval_consistency.along_axis([world.centroid(f) for f in frames], direction)
+            out.append({"frame": scene.frame, "prompt": scene.prompt, "background": float(np.mean([world.read_background(f) == background for f in frames])),
+                        "direction": float(np.mean(along))})
     return out
 
 
@@ -244,6 +250,9 @@ def summarize(cells: dict[str, list[dict]]) -> dict:
             scenes = [sc for r in reports for sc in r["scenes"]]
             row["scene_background"] = float(np.mean([sc["background"] for sc in scenes]))
             row["scene_background_worst"] = float(min(sc["background"] for sc in scenes))
+            if all("direction" in sc for sc in scenes):  # cells from before the direction was scored have none
+                row["scene_direction"] = float(np.mean([sc["direction"] for sc in scenes]))
+                row["scene_direction_worst"] = float(min(sc["direction"] for sc in scenes))
         if "reference_match" in reports[0]:
             row["reference_match"] = float(np.mean([r["reference_match"] for r in reports]))
             row["reference_match_worst"] = float(min(r["reference_match"] for r in reports))
@@ -261,9 +270,12 @@ def table(summary: dict) -> str:
             f"{r['color_changes_per_1000']:.2f} | {r['hat_retention']:.3f} / {r['hat_retention_worst']:.3f} | {r['hat_changes_per_1000']:.2f} | "
             f"{r['color_kept_all']} / {r['hat_kept_all']} | {r['shape_accuracy']:.3f} | {r['flicker']:.3f} | {r['speed']:.2f} | {r['s_per_frame']:.3f} |"
         )
-    scenes = [f"| {name} | {r['scene_background']:.3f} / {r['scene_background_worst']:.3f} |" for name, r in summary.items() if "scene_background" in r]
+    scenes = [f"| {name} | {r['scene_background']:.3f} / {r['scene_background_worst']:.3f} | "
+              + (f"{r['scene_direction']:.3f} / {r['scene_direction_worst']:.3f} |" if "scene_direction" in r else "not scored |")
+              for name, r in summary.items() if "scene_background" in r]
     if scenes:
-        lines += ["", "| setting | scene frames showing the scene's background (mean / worst scene) |", "| --- | --- |", *scenes]
+        lines += ["", "| setting | scene frames showing the scene's background (mean / worst scene) | moving along its direction's axis (mean / worst scene) |",
+                  "| --- | --- | --- |", *scenes]
     matches = [f"| {name} | {r['reference_match']:.3f} / {r['reference_match_worst']:.3f} |" for name, r in summary.items() if "reference_match" in r]
     if matches:
         lines += ["", "| setting | frames showing the reference's body and hat (mean / worst) |", "| --- | --- |", *matches]

@@ -24,16 +24,18 @@ def test_prompts_leave_the_color_open_and_storyboards_never_name_it():
         assert all(world.parse_caption(s)[0][0] == (None, pair[1]) for s in story)
 
 
-def test_scene_following_reads_each_scenes_background():
+def test_scene_following_reads_each_scenes_background_and_direction():
     from fifo_stream.consistency.storyboard import Storyboard
 
-    texts = ["a circle moves right on a black background", "a circle moves left on a white background", "a circle moves down on a gradient background"]
-    story = Storyboard.parse([texts[0], f"20: {texts[1]}", f"40: {texts[2]}"])
-    renders = [world.render(world.scene_from_caption(t, 64, seed=i, open_identity=True), 64, 20) for i, t in enumerate(texts)]
+    texts = ["a circle moves right on a black background", "a circle moves down on a white background", "a circle moves left on a gradient background"]
+    story = Storyboard.parse([texts[0], f"40: {texts[1]}", f"80: {texts[2]}"])
+    renders = [world.render(world.scene_from_caption(t, 64, seed=i, open_identity=True), 64, 40) for i, t in enumerate(texts)]
     followed = santa.scene_following([f for r in renders for f in r], story)
     assert [sc["background"] for sc in followed] == [1.0, 1.0, 1.0]
+    assert all(sc["direction"] >= 0.95 for sc in followed), followed
     stuck = santa.scene_following([f for f in renders[0]] * 3, story)  # the first scene's frames throughout
     assert [sc["background"] for sc in stuck] == [1.0, 0.0, 0.0]
+    assert stuck[1]["direction"] <= 0.05 and stuck[2]["direction"] >= 0.95, stuck  # left after right: the same axis
 
 
 def test_each_setting_turns_on_only_its_own_controls_whatever_the_config_turns_on():

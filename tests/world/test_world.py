@@ -229,6 +229,18 @@ def test_speed_is_the_objects_pixels_per_frame_and_zero_for_a_frozen_video():
     assert eval_consistency.speed([np.zeros((SIZE, SIZE, 3), np.uint8)] * 8) == 0.0  # no object: nothing moves
 
 
+@pytest.mark.parametrize("direction", world.DIRECTIONS)
+def test_along_axis_follows_the_named_direction_through_bounces(direction):
+    for seed in range(4):  # 600 frames: many bounces, each reversing the named component
+        scene = world.scene_from_caption(f"a square moves {direction} on a gray background", SIZE, seed, open_identity=True)
+        centers = [world.centroid(f) for f in world.render(scene, SIZE, 600)]
+        assert np.mean(eval_consistency.along_axis(centers, direction)) >= 0.99
+        other = {"left": "up", "right": "down", "up": "left", "down": "right"}[direction]
+        assert np.mean(eval_consistency.along_axis(centers, other)) <= 0.01
+        assert not any(eval_consistency.along_axis([centers[0]] * 20, direction))  # frozen: no axis
+    assert not any(eval_consistency.along_axis([None] * 20, direction))  # no object
+
+
 def test_evaluator_cli_writes_json_and_plot(tmp_path):
     prompt = "a cyan circle moves right on a gray background"
     video = tmp_path / "v.mkv"
