@@ -153,7 +153,9 @@ def evaluate(frames: list[np.ndarray], prompt: str) -> dict:
         "speed": speed(frames),
         "first_frame": list(readings[0]),
         "open": open_identity(readings, open_attrs),
-        "per_frame": {"readings": [list(r) for r in readings], "diff": [round(float(d), 5) for d in diffs]},
+        "per_frame": {"readings": [list(r) for r in readings], "diff": [round(float(d), 5) for d in diffs],
+                      "centers": [None if c is None else [round(v, 2) for v in c] for c in map(world.centroid, frames)],
+                      "backgrounds": [world.read_background(f) for f in frames]},
     }
 
 

@@ -122,19 +122,19 @@ def reference_image(text: str, seed: int, colors: tuple[str, str], size: int) ->
     return world.render(dataclasses.replace(scene, objects=(obj,)), size, 1)[0]
 
 
-def scene_following(video: list[np.ndarray], story: Storyboard) -> list[dict]:
+def scene_following(per_frame: dict, story: Storyboard) -> list[dict]:
     """Per scene: the fraction of its frames showing the background it names, and of those moving along
     the axis of the direction it names (:func:`eval_consistency.along_axis`; objects bounce off the borders,
     so a frame's motion may rightly oppose the caption's sign). Where two scenes name the same axis
-    (left, then right) the second's direction cannot be told from the first's."""
+    (left, then right) the second's direction cannot be told from the first's. ``per_frame``: the
+    centers and backgrounds :func:`eval_consistency.evaluate` read."""
     out = []
     for j, scene in enumerate(story.scenes):
-        frames = video[scene.frame : story.scenes[j + 1].frame if j + 1 < len(story.scenes) else len(video)]
-        if frames:
+        frames = slice(scene.frame, story.scenes[j + 1].frame if j + 1 < len(story.scenes) else len(per_frame["centers"]))
+        if per_frame["centers"][frames]:
             _, background, direction = world.parse_caption(scene.prompt)
-            along = eval_consistency.along_axis([world.centroid(f) for f in frames], direction)
-            out.append({"frame": scene.frame, "prompt": scene.prompt, "background": float(np.mean([world.read_background(f) == background for f in frames])),
-                        "direction": float(np.mean(along))})
+            out.append({"frame": scene.frame, "prompt": scene.prompt, "background": float(np.mean([b == background for b in per_frame["backgrounds"][frames]])),
+                        "direction": float(np.mean(eval_consistency.along_axis(per_frame["centers"][frames], direction)))})
     return out
 
 
@@ -156,18 +156,22 @@ def run_cell(model, cfg, text: str | list[str], frames: int, seed: int, referenc
         report["reference_match"] = float(np.mean([r[0] == reference[0] and r[2] == reference[1] for r in report["per_frame"]["readings"]]))
     if not isinstance(text, str):  # later scenes name other directions and backgrounds, never the color
         report["storyboard"] = text
-        report["scenes"] = scene_following(video, story)
+        report["scenes"] = scene_following(report["per_frame"], story)
     report["s_per_frame"] = seconds / frames
     report["seed"] = seed
     return report
 
 
 def rescored(report: dict) -> dict:
-    """A stored cell with its open attributes scored again from its per-frame readings by today's
-    :func:`eval_consistency.identity`, so a grid resumed across a change of that measure reads as one
-    (the readings themselves are the reader's of the time: the frames are not kept)."""
+    """A stored cell with its open attributes (and a storyboard's scenes, where its centers were kept)
+    scored again from its per-frame readings by today's :func:`eval_consistency.identity` and
+    :func:`scene_following`, so a grid resumed across a change of those measures reads as one (the
+    readings themselves are the reader's of the time: the frames are not kept)."""
     readings = [world.Reading(*r) for r in report["per_frame"]["readings"]]
-    return {**report, "open": eval_consistency.open_identity(readings, report["open"])}
+    report = {**report, "open": eval_consistency.open_identity(readings, report["open"])}
+    if "storyboard" in report and "centers" in report["per_frame"]:
+        report["scenes"] = scene_following(report["per_frame"], Storyboard.parse(report["storyboard"]))
+    return report
 
 
 def agreement(values: list) -> tuple[bool, float]:

@@ -30,10 +30,11 @@ def test_scene_following_reads_each_scenes_background_and_direction():
     texts = ["a circle moves right on a black background", "a circle moves down on a white background", "a circle moves left on a gradient background"]
     story = Storyboard.parse([texts[0], f"40: {texts[1]}", f"80: {texts[2]}"])
     renders = [world.render(world.scene_from_caption(t, 64, seed=i, open_identity=True), 64, 40) for i, t in enumerate(texts)]
-    followed = santa.scene_following([f for r in renders for f in r], story)
+    per_frame = lambda frames: {"centers": [world.centroid(f) for f in frames], "backgrounds": [world.read_background(f) for f in frames]}  # noqa: E731
+    followed = santa.scene_following(per_frame([f for r in renders for f in r]), story)
     assert [sc["background"] for sc in followed] == [1.0, 1.0, 1.0]
     assert all(sc["direction"] >= 0.95 for sc in followed), followed
-    stuck = santa.scene_following([f for f in renders[0]] * 3, story)  # the first scene's frames throughout
+    stuck = santa.scene_following(per_frame([f for f in renders[0]] * 3), story)  # the first scene's frames throughout
     assert [sc["background"] for sc in stuck] == [1.0, 0.0, 0.0]
     assert stuck[1]["direction"] <= 0.05 and stuck[2]["direction"] >= 0.95, stuck  # left after right: the same axis
 
