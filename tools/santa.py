@@ -183,19 +183,22 @@ def agreement(values: list) -> tuple[bool, float]:
 def window_check(model, cfg, seeds: int) -> dict:
     """Per open attribute: the fraction of one-window DDIM clips showing one value in every frame,
     and the mean fraction of a clip's frames showing its most common value (unreadable frames never agree);
+    the mean fraction of frames moving along the named direction's axis (``direction``);
     the agreements and the fraction of frames with a readable hat also per shape (``by_shape``)."""
     s = fifo_settings(cfg, model)
     unet = lambda x, t, c, attention_kwargs=None, branches=1: model.unet(x, t, c, s.fps, attention_kwargs, branches)  # noqa: E731
     uncond = model.encode_text([cfg.sampling.negative_prompt])
     h, w = cfg.video.height // model.spatial_factor, cfg.video.width // model.spatial_factor
-    one, share = {"color": [], "hat": []}, {"color": [], "hat": []}
+    one, share, along = {"color": [], "hat": []}, {"color": [], "hat": []}, []
     by_shape: dict[str, dict[str, list[float]]] = {}
     for seed in range(seeds):
         g = torch.Generator(device=model.device).manual_seed(seed)
         noise = torch.randn((1, model.unet.in_channels, s.frames, h, w), generator=g, device=model.device)
         text = prompt(seed, False)
         clip = sample_ddim(unet, noise, model.encode_text([text]), uncond, model.alphas, s.steps, s.guidance_scale, s.eta, g, model.scales, s.clip_x0)
-        readings = [world.read_frame(f) for f in model.decode(clip, cfg.sampling.vae_batch)[0].numpy()]
+        frames = model.decode(clip, cfg.sampling.vae_batch)[0].numpy()
+        readings = [world.read_frame(f) for f in frames]
+        along.append(float(np.mean(eval_consistency.along_axis([world.centroid(f) for f in frames], world.parse_caption(text)[2]))))
         shape_stats = by_shape.setdefault(world.parse_caption(text)[0][0][1], {"color_agreement": [], "hat_agreement": [], "hat_readable": []})
         shape_stats["hat_readable"].append(float(np.mean([r.hat is not None for r in readings])))
         for attr in one:
@@ -205,6 +208,7 @@ def window_check(model, cfg, seeds: int) -> dict:
             shape_stats[f"{attr}_agreement"].append(agreeing)
     return {"seeds": seeds, "frames": s.frames,
             **{f"{a}_one_value": float(np.mean(one[a])) for a in one}, **{f"{a}_agreement": float(np.mean(share[a])) for a in one},
+            "direction": float(np.mean(along)),
             "by_shape": {name: {k: float(np.mean(v)) for k, v in m.items()} | {"clips": len(m["hat_readable"])} for name, m in sorted(by_shape.items())}}
 
 

@@ -114,6 +114,7 @@ def test_window_agreement_and_check(tmp_path):
     report = json.loads((tmp_path / "windows.json").read_text())
     assert report["seeds"] == 2 and report["frames"] == 8 and not (tmp_path / "cells").exists()
     assert all(0.0 <= report[f"{a}_{m}"] <= 1.0 for a in ("color", "hat") for m in ("one_value", "agreement"))
+    assert 0.0 <= report["direction"] <= 1.0
     shapes = {world.parse_caption(santa.prompt(seed, False))[0][0][1] for seed in range(2)}
     assert set(report["by_shape"]) == shapes and sum(m["clips"] for m in report["by_shape"].values()) == 2
     assert all(0.0 <= m[k] <= 1.0 for m in report["by_shape"].values() for k in ("color_agreement", "hat_agreement", "hat_readable"))
