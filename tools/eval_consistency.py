@@ -4,7 +4,8 @@
 
 Each frame's object body color, shape and hat color are measured with pixel statistics
 (``fifo_stream.world.read_frame``). Reported: prompt accuracy (fraction of frames whose
-reading matches what the prompt names), identity retention (fraction equal to frame 0's in
+reading matches the color and shape the prompt names), direction accuracy (fraction of frames
+moving along the axis of the direction it names: objects bounce off the borders), identity retention (fraction equal to frame 0's in
 all three), the longest run of frames that lost frame 0's identity, temporal flicker
 (1 - mean |frame_i - frame_(i-1)| / 255), motion (the object's speed in pixels per frame: a
 control that holds identity by freezing the video shows here), and for each attribute the prompt leaves open
@@ -97,9 +98,9 @@ def open_identity(readings: list[world.Reading], attrs) -> dict:
     return {a: identity([getattr(r, a) for r in readings]) for a in attrs}
 
 
-def speed(frames: list[np.ndarray], span: int = SPAN) -> float:
-    """The object's median speed, pixels per frame: centroid displacement over ``span`` frames / ``span``."""
-    centers = [world.centroid(f) for f in frames]
+def speed(centers: list[tuple[float, float] | None], span: int = SPAN) -> float:
+    """The object's median speed, pixels per frame, from its per-frame ``centers`` (:func:`world.centroid`;
+    None: no object): centroid displacement over ``span`` frames / ``span``."""
     moves = [np.hypot(b[0] - a[0], b[1] - a[1]) / span for a, b in zip(centers, centers[span:]) if a is not None and b is not None]
     return float(np.median(moves)) if moves else 0.0
 
@@ -128,12 +129,13 @@ def evaluate(frames: list[np.ndarray], prompt: str) -> dict:
     open). ``open`` holds :func:`identity` for each attribute the prompt leaves open: the hat
     always, the body color when the prompt does not name it.
     """
-    pairs, _, _ = world.parse_caption(prompt)
+    pairs, _, direction = world.parse_caption(prompt)
     if len(pairs) != 1:
         raise SystemExit(f"error: the prompt must name exactly one '[color] <shape>' (got {len(pairs)}): {prompt!r}")
     if not frames:
         raise SystemExit("error: the video has no frames")
     readings = [world.read_frame(f) for f in frames]
+    centers = [world.centroid(f) for f in frames]
     color, shape = pairs[0]
     color_ok = [color is None or r.color == color for r in readings]
     shape_ok = [r.shape == shape for r in readings]
@@ -147,14 +149,16 @@ def evaluate(frames: list[np.ndarray], prompt: str) -> dict:
         "prompt_accuracy": float(np.mean(np.logical_and(color_ok, shape_ok))),
         "color_accuracy": float(np.mean(color_ok)) if color else None,
         "shape_accuracy": float(np.mean(shape_ok)),
+        # apart from prompt_accuracy: the frames moving along the named direction's axis (None: no direction named)
+        "direction_accuracy": float(np.mean(along_axis(centers, direction))) if direction else None,
         "identity_retention": float(1 - lost.mean()),
         "longest_identity_loss": longest_run(lost),
         "flicker": float(1 - diffs.mean()) if len(diffs) else 1.0,
-        "speed": speed(frames),
+        "speed": speed(centers),
         "first_frame": list(readings[0]),
         "open": open_identity(readings, open_attrs),
         "per_frame": {"readings": [list(r) for r in readings], "diff": [round(float(d), 5) for d in diffs],
-                      "centers": [None if c is None else [round(v, 2) for v in c] for c in map(world.centroid, frames)],
+                      "centers": [None if c is None else [round(v, 2) for v in c] for c in centers],
                       "backgrounds": [world.read_background(f) for f in frames]},
     }
 

@@ -30,7 +30,7 @@ from fifo_stream.models.loading import load_model  # noqa: E402
 from fifo_stream.pipeline import generate  # noqa: E402
 from fifo_stream.outputs.file import FileSink  # noqa: E402
 
-METRICS = ("prompt_accuracy", "color_accuracy", "shape_accuracy", "identity_retention", "longest_identity_loss", "flicker")
+METRICS = ("prompt_accuracy", "color_accuracy", "shape_accuracy", "direction_accuracy", "identity_retention", "longest_identity_loss", "flicker")
 
 
 def prompt_set(count: int, seed: int = 0) -> list[str]:

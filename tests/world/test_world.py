@@ -201,6 +201,7 @@ def test_evaluator_scores_world_videos_after_encoding(tmp_path):
         report = eval_consistency.evaluate(eval_consistency.read_frames(video), prompt)
         assert report["frames"] == 48
         assert report["prompt_accuracy"] >= 0.99 and report["identity_retention"] >= 0.99
+        assert report["direction_accuracy"] >= 0.99
         assert report["longest_identity_loss"] == 0
 
 
@@ -212,6 +213,10 @@ def test_evaluator_metrics_by_hand():
     assert report["prompt_accuracy"] == pytest.approx(7 / 11)
     assert report["identity_retention"] == pytest.approx(7 / 11)
     assert report["longest_identity_loss"] == 3
+    left = eval_consistency.evaluate(list(good), "a green square moves left on a black background")
+    across = eval_consistency.evaluate(list(good), "a green square moves up on a black background")  # it moves left
+    assert left["direction_accuracy"] == 1.0 and across["direction_accuracy"] == 0.0
+    assert across["prompt_accuracy"] == left["prompt_accuracy"] == 1.0  # the direction is scored apart
     stack = np.stack(frames).astype(np.float64)
     assert report["flicker"] == pytest.approx(1 - np.abs(np.diff(stack, axis=0)).mean() / 255, rel=1e-6)
     still = eval_consistency.evaluate([good[0]] * 3, "a green square moves left on a black background")
@@ -224,9 +229,10 @@ def test_speed_is_the_objects_pixels_per_frame_and_zero_for_a_frozen_video():
         frames = list(world.render(scene, SIZE, 8))
         centers = world.positions(scene.objects[0], SIZE, 8)
         truth = np.median(np.hypot(*(centers[4:] - centers[:4]).T) / 4)
-        assert eval_consistency.speed(frames) == pytest.approx(truth, abs=0.15)
-        assert eval_consistency.speed([frames[0]] * 8) == 0.0
-    assert eval_consistency.speed([np.zeros((SIZE, SIZE, 3), np.uint8)] * 8) == 0.0  # no object: nothing moves
+        read = [world.centroid(f) for f in frames]
+        assert eval_consistency.speed(read) == pytest.approx(truth, abs=0.15)
+        assert eval_consistency.speed([read[0]] * 8) == 0.0
+    assert eval_consistency.speed([world.centroid(np.zeros((SIZE, SIZE, 3), np.uint8))] * 8) == 0.0  # no object: nothing moves
 
 
 @pytest.mark.parametrize("direction", world.DIRECTIONS)
