@@ -207,8 +207,9 @@ class TemplateAnchor(SceneReferences):
     Storyboards: each scene gets its own template from its frame number ``settle``: the object
     composited in pixels onto that frame's background (a scene that keeps the subject; see
     :func:`find_object`), or the object that frame shows (a scene that renews it). Until then a keeping scene's frames use the previous scene's
-    template, the cells not held whole moved by ``1 - w`` of the difference of the two row
-    backgrounds (with ``full_cover`` 1 the uncovered fraction: exact for a linear codec). ``encode``/``decode`` are the
+    template, each cell's uncovered fraction of the difference of the two row backgrounds added
+    (exact for a linear codec); within its own scene a template's cells add ``1 - w`` of it, so cells
+    held whole keep the template's background. ``encode``/``decode`` are the
     model's (uint8 frames at the video size <-> latents), ``factor`` its pixels per latent cell and
     ``step`` the offsets' spacing in pixels. With a ``palette`` (k, 3) of the colors the model draws, an
     object the model drew (not the user's image) is held in the nearest of them, part by part: a part
@@ -258,24 +259,31 @@ class TemplateAnchor(SceneReferences):
     def correct(self, x0: torch.Tensor, levels: torch.Tensor, scenes: torch.Tensor | None = None, renew: Sequence[bool] = ()) -> torch.Tensor:
         """``x0`` (1, c, F, h, w) of frames at ``levels`` (F,) of storyboard ``scenes`` (F,; None: the first),
         the chosen ones moved to their scene's template."""
-        groups: dict[int, tuple[Template, list[int]]] = {}  # a storyboard's frames may have different templates
+        # a storyboard's frames may have different templates; a scene's frames before its own template
+        # exists use the previous scene's, made on another background ("foreign")
+        groups: dict[tuple[int, bool], tuple[Template, list[int]]] = {}
         for i, template in self.chosen(levels.to(x0.device), scenes, renew):
-            groups.setdefault(id(template), (template, []))[1].append(i)
+            foreign = scenes is not None and self.references.get(int(scenes[i])) is not template
+            groups.setdefault((id(template), foreign), (template, []))[1].append(i)
         if not groups:
             return x0
         out = x0.clone()
-        for template, frames in groups.values():
+        for (_, foreign), (template, frames) in groups.items():
             z = x0[0, :, frames].transpose(0, 1).float()  # (n, c, h, w)
             background = row_background(z)
             ph, pw = template.patches.shape[-2:]
             moved = (template.covered.to(z) / self.full_cover).clamp(max=1)
+            # the background shift: on its own scene's frames a cell held whole keeps the template's background (the
+            # two differ only by the frames' noise); on another background every cell's uncovered part takes the
+            # frame's (exact for a linear codec: a held cell with the old background in it drew the body red on black)
+            shifted = 1 - (template.covered.to(z) if foreign else moved)
             h, w = z.shape[-2:]
             for i, (o, y, x) in enumerate(self._place(z - background, template)):
                 top, left, bottom, right = max(y, 0), max(x, 0), min(y + ph, h), min(x + pw, w)
                 inside = (slice(None), slice(top - y, bottom - y), slice(left - x, right - x))  # the patch's cells in the frame
                 target = template.patches[o][inside].to(z)
                 if template.background is not None:
-                    target = target + (1 - moved[o][inside]) * (background[i, :, top:bottom] - template.background[o][:, top - y : bottom - y].to(z))
+                    target = target + shifted[o][inside] * (background[i, :, top:bottom] - template.background[o][:, top - y : bottom - y].to(z))
                 region = z[i, :, top:bottom, left:right]
                 # a cell moves by the object's share of it: moving the rim (cells it partly covers) all the way
                 # pinned the reference's outline, which mixed with the shape the prompt names (a triangle's apex,

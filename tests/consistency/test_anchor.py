@@ -292,6 +292,24 @@ def test_cells_held_whole_keep_the_templates_background_and_the_others_shift_by_
     assert torch.allclose(out[part], (on_white + weight * (target - on_white))[part], atol=1e-5)
 
 
+@pytest.mark.parametrize("full_cover", [1.0, 0.5])
+def test_a_later_scenes_frames_on_the_previous_template_take_their_own_background_in_every_cell(full_cover):
+    """A storyboard scene's frames before its own template exists use the previous scene's, made on gray:
+    on a white background every cell's uncovered part becomes white, the cells held whole too (exact for
+    a linear codec); on its own scene's frames a held cell keeps the gray (the test above)."""
+    anchor = template_anchor(full_cover=full_cover)
+    anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))  # on gray: scene 0's template
+    on_white = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=13, left=9, background=(235, 235, 235))[None])
+    white_edges = encode_blocks(hatted(RED_PX, GREEN_PX, top=13, left=9, background=(235, 235, 235))[None])
+    share = covered(13, 9).expand_as(on_white)
+    weight = (share / full_cover).clamp(max=1)
+    assert ((share >= 0.5) & (share < 1)).any()
+    out = anchor.correct(on_white, torch.tensor([0]), scenes=torch.tensor([1]))
+    assert torch.allclose(out, on_white + weight * (white_edges - on_white), atol=1e-5)
+    own = anchor.correct(on_white, torch.tensor([0]), scenes=torch.tensor([0]))
+    assert full_cover == 1.0 or not torch.allclose(own, out, atol=0.1)
+
+
 def test_the_template_acts_only_at_its_levels_and_resumes_from_its_state():
     anchor = template_anchor(strength=0.5, min_level=2, reference_tick=4)
     anchor.observe(encode_blocks(hatted(RED_PX, GREEN_PX, 4, 4)[None])[:, :, 0], tick=3)  # cell-aligned: decoded exactly
