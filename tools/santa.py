@@ -198,8 +198,9 @@ def window_check(model, cfg, seeds: int) -> dict:
         clip = sample_ddim(unet, noise, model.encode_text([text]), uncond, model.alphas, s.steps, s.guidance_scale, s.eta, g, model.scales, s.clip_x0)
         frames = model.decode(clip, cfg.sampling.vae_batch)[0].numpy()
         readings = [world.read_frame(f) for f in frames]
-        along.append(float(np.mean(eval_consistency.along_axis([world.centroid(f) for f in frames], world.parse_caption(text)[2]))))
-        shape_stats = by_shape.setdefault(world.parse_caption(text)[0][0][1], {"color_agreement": [], "hat_agreement": [], "hat_readable": []})
+        ((_, shape),), _, direction = world.parse_caption(text)
+        along.append(float(np.mean(eval_consistency.along_axis([world.centroid(f) for f in frames], direction))))
+        shape_stats = by_shape.setdefault(shape, {"color_agreement": [], "hat_agreement": [], "hat_readable": []})
         shape_stats["hat_readable"].append(float(np.mean([r.hat is not None for r in readings])))
         for attr in one:
             kept, agreeing = agreement([getattr(r, attr) for r in readings])
