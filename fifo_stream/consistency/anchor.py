@@ -66,11 +66,13 @@ def renews(scene: int, renew: Sequence[bool]) -> bool:
 class SceneReferences:
     """What both anchors share: one reference per storyboard scene, made from the scene's emitted frame
     number ``settle`` (:meth:`observe`; the first frames of a scene still show the change, one window of
-    frames later they do not), and which reference corrects which frames (:meth:`reference_of`)."""
+    frames later they do not), and which reference corrects which frames (:meth:`reference_of`). An
+    anchor may hold an interim reference for a scene until then, made from the scene's predicted frames."""
 
     def __init__(self, strength: float, min_level: int, reference_tick: int | None, settle: int = 0):
         self.strength, self.min_level, self.reference_tick, self.settle = float(strength), int(min_level), reference_tick, int(settle)
         self.references: dict = {}  # scene -> its reference
+        self.interim: dict = {}  # scene -> (level, reference): made from its predicted frames at that noise level, until its own
         self.scene, self.scene_frames = 0, 0  # the latest scene a frame was emitted of, and how many of its frames were
 
     def observe(self, latent: torch.Tensor, tick: int, scene: int = 0, renew: Sequence[bool] = ()) -> None:
@@ -88,6 +90,7 @@ class SceneReferences:
     def _store(self, scene: int, reference) -> None:
         if reference is not None:  # a frame without a subject makes none
             self.references[scene] = reference
+            self.interim.pop(scene, None)
 
     def reference_from(self, latent: torch.Tensor):
         """The reference an emitted latent (1, c, h, w) makes, or None."""
@@ -99,11 +102,13 @@ class SceneReferences:
         return None
 
     def reference_of(self, scene: int, renew: Sequence[bool] = ()):
-        """The reference that corrects ``scene``'s frames: its own, else an earlier scene's unless a scene
-        since renews the subject (None: its frames are not corrected)."""
+        """The reference that corrects ``scene``'s frames: its own (or its interim one), else an earlier
+        scene's unless a scene since renews the subject (None: its frames are not corrected)."""
         for s in range(scene, -1, -1):
             if s in self.references:
                 return self.references[s]
+            if s in self.interim:
+                return self.interim[s][1]
             if renews(s, renew):
                 return None
         return None
@@ -118,10 +123,12 @@ class SceneReferences:
         return out
 
     def state_dict(self) -> dict:
-        return {"references": {s: self.reference_state(r) for s, r in self.references.items()}, "scene": self.scene, "scene_frames": self.scene_frames}
+        return {"references": {s: self.reference_state(r) for s, r in self.references.items()}, "scene": self.scene, "scene_frames": self.scene_frames,
+                "interim": {s: {"level": level, "reference": self.reference_state(r)} for s, (level, r) in self.interim.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.references = {int(s): self.reference_loaded(r) for s, r in state["references"].items()}
+        self.interim = {int(s): (int(v["level"]), self.reference_loaded(v["reference"])) for s, v in state.get("interim", {}).items()}  # none before interim references
         self.scene, self.scene_frames = int(state["scene"]), int(state["scene_frames"])
 
     def reference_state(self, reference):

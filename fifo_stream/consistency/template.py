@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FifoStreamError
-from .anchor import SceneReferences
+from .anchor import SceneReferences, renews
 
 
 def aligned_medoid(images: np.ndarray) -> int:
@@ -259,8 +259,10 @@ class TemplateAnchor(SceneReferences):
     def correct(self, x0: torch.Tensor, levels: torch.Tensor, scenes: torch.Tensor | None = None, renew: Sequence[bool] = ()) -> torch.Tensor:
         """``x0`` (1, c, F, h, w) of frames at ``levels`` (F,) of storyboard ``scenes`` (F,; None: the first),
         the chosen ones moved to their scene's template."""
+        if scenes is not None:
+            self._make_interim(x0, levels, scenes, renew)
         # a storyboard's frames may have different templates; a scene's frames before its own template
-        # exists use the previous scene's, made on another background ("foreign")
+        # exists use an interim one or the previous scene's, made on another background ("foreign")
         groups: dict[tuple[int, bool], tuple[Template, list[int]]] = {}
         for i, template in self.chosen(levels.to(x0.device), scenes, renew):
             foreign = scenes is not None and self.references.get(int(scenes[i])) is not template
@@ -294,6 +296,26 @@ class TemplateAnchor(SceneReferences):
                 z[i, :, top:bottom, left:right] = region + self.strength * moved[o][inside] * (target - region)
             out[0, :, frames] = z.transpose(0, 1).to(out.dtype)
         return out
+
+    def _make_interim(self, x0: torch.Tensor, levels: torch.Tensor, scenes: torch.Tensor, renew: Sequence[bool]) -> None:
+        """Give each keeping scene in ``x0`` without its own template an interim one: the kept object
+        composited in pixels onto the background its least noisy predicted frames show (their row
+        backgrounds, decoded). Made when the scene's first frame enters and again each time its level
+        halves. The previous template shifted in latents onto a far background decodes in another hue
+        (a blue body went cyan on black: this VAE's latent of a cell depends on its surroundings)."""
+        for scene in scenes.unique().tolist():
+            previous = self.reference_of(scene - 1, renew) if scene > 0 else None
+            if scene in self.references or renews(scene, renew) or previous is None or previous.cut is None:
+                continue
+            mine = (scenes == scene).nonzero().flatten()
+            lead = int(levels[mine].min())
+            made = self.interim.get(scene)
+            if made is not None and not lead <= made[0] // 2 < made[0]:
+                continue
+            least_noisy = mine[levels[mine] == lead]
+            background = row_background(x0[0, :, least_noisy].transpose(0, 1).float()).median(0, keepdim=True).values
+            image = self._image(background.expand(-1, -1, -1, x0.shape[-1]).to(x0.dtype))
+            self.interim[scene] = (lead, self._template(previous.cut, image))
 
     @staticmethod
     def _place(d: torch.Tensor, template: Template) -> list[tuple[int, int, int]]:
