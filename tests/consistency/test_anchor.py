@@ -1,10 +1,13 @@
 """Subject appearance anchor: the subject's band colors move to the reference's, nothing else does; exact resume."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from conftest import straight_and_resumed
 
+from fifo_stream import world
 from fifo_stream.config import load_config
 from fifo_stream.consistency.anchor import SubjectAnchor, band_means, subject_mask
 from fifo_stream.consistency.template import TemplateAnchor, find_object
@@ -293,21 +296,86 @@ def test_cells_held_whole_keep_the_templates_background_and_the_others_shift_by_
 
 
 @pytest.mark.parametrize("full_cover", [1.0, 0.5])
-def test_a_later_scenes_frames_on_the_previous_template_take_their_own_background_in_every_cell(full_cover):
-    """A storyboard scene's frames before its own template exists use the previous scene's, made on gray:
-    on a white background every cell's uncovered part becomes white, the cells held whole too (exact for
-    a linear codec); on its own scene's frames a held cell keeps the gray (the test above)."""
+def test_a_later_scenes_frames_before_its_own_template_take_the_object_on_their_predicted_background(full_cover):
+    """A keeping storyboard scene's frames before its own template exists: an interim template, the object
+    composited on the background of the scene's least noisy frame (white), not the previous scene's
+    template shifted in latents (which a real VAE decodes in another hue). Every cell's uncovered part
+    takes each frame's own background, the cells held whole too (exact for a linear codec); on its own
+    scene's frames a held cell keeps the template's (the test above)."""
     anchor = template_anchor(full_cover=full_cover)
     anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))  # on gray: scene 0's template
-    on_white = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=13, left=9, background=(235, 235, 235))[None])
-    white_edges = encode_blocks(hatted(RED_PX, GREEN_PX, top=13, left=9, background=(235, 235, 235))[None])
-    share = covered(13, 9).expand_as(on_white)
+    backgrounds = ((235, 235, 235), (200, 200, 200))
+    x0 = torch.cat([encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=13, left=9, background=b)[None]) for b in backgrounds], 2)
+    edges = torch.cat([encode_blocks(hatted(RED_PX, GREEN_PX, top=13, left=9, background=b)[None]) for b in backgrounds], 2)
+    share = covered(13, 9).expand_as(x0)
     weight = (share / full_cover).clamp(max=1)
     assert ((share >= 0.5) & (share < 1)).any()
-    out = anchor.correct(on_white, torch.tensor([0]), scenes=torch.tensor([1]))
-    assert torch.allclose(out, on_white + weight * (white_edges - on_white), atol=1e-5)
-    own = anchor.correct(on_white, torch.tensor([0]), scenes=torch.tensor([0]))
-    assert full_cover == 1.0 or not torch.allclose(own, out, atol=0.1)
+    out = anchor.correct(x0, torch.tensor([0, 3]), scenes=torch.tensor([1, 1]), renew=(False, False))
+    on_white = template_anchor()
+    on_white.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3, background=backgrounds[0]))
+    assert anchor.interim[1][0] == 0 and torch.allclose(anchor.interim[1][1].patches, on_white.references[0].patches, atol=1e-5)
+    assert torch.allclose(out, x0 + weight * (edges - x0), atol=1e-5)
+    own = anchor.correct(x0[:, :, :1], torch.tensor([0]), scenes=torch.tensor([0]))
+    assert full_cover == 1.0 or not torch.allclose(own, out[:, :, :1], atol=0.1)
+
+
+def test_the_interim_template_is_made_again_as_the_scenes_lead_frame_halves_its_level_and_gives_way_to_its_own():
+    anchor = template_anchor()
+    anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))  # on gray
+    white, black = (235, 235, 235), (20, 20, 20)
+    direct = {}
+    for background in (white, black):
+        direct[background] = template_anchor()
+        direct[background].take_image(hatted(RED_PX, GREEN_PX, top=2, left=3, background=background))
+    renew = (False, False)
+
+    def tick(level, background):
+        x0 = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=13, left=9, background=background)[None])
+        return anchor.correct(x0, torch.tensor([level]), torch.tensor([1]), renew)
+
+    made = []
+    for level, background in ((6, white), (4, black), (3, black)):
+        tick(level, background)
+        made.append((anchor.interim[1][0], anchor.interim[1][1].patches))
+    assert [level for level, _ in made] == [6, 6, 3]  # made when the scene enters, again at half the level
+    assert torch.allclose(made[1][1], direct[white].references[0].patches, atol=1e-5)
+    assert torch.allclose(made[2][1], direct[black].references[0].patches, atol=1e-5)
+    resumed = template_anchor()
+    resumed.load_state_dict(anchor.state_dict())
+    assert resumed.interim[1][0] == 3 and torch.equal(resumed.interim[1][1].patches, anchor.interim[1][1].patches)
+    anchor.observe(encode_blocks(hatted(BLUE_PX, YELLOW_PX, 8, 8, background=black)[None])[:, :, 0], tick=50, scene=1, renew=renew)
+    assert anchor.interim == {} and torch.allclose(anchor.references[1].patches, direct[black].references[0].patches, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_model(load_config("tiny"))
+
+
+@pytest.mark.parametrize("body, hat, old_background, new_background",
+                         [("blue", "yellow", "gray", "black"), ("red", "green", "gray", "white"), ("cyan", "magenta", "black", "white")])
+def test_on_the_embedded_vae_a_new_scenes_frames_keep_the_subjects_colors_where_the_old_template_shifted_in_latents_does_not(
+        embedded, body, hat, old_background, new_background):
+    """The storyboard episode at a change to black or white: the previous scene's template, shifted in latents
+    onto the far background, decodes in another hue (blue went cyan on black); the interim template, the
+    object composited in pixels on the new background, keeps body and hat."""
+    subject = dataclasses.replace(world.scene_from_caption(f"a {body} circle", 128, 1, open_identity=True).objects[0], hat=hat, velocity=(0.0, 0.0))
+    reference = world.render(world.Scene((subject,), old_background), 128, 1)[0]
+    drifted = dataclasses.replace(subject, color="magenta" if body != "magenta" else "red", position=(subject.position[0] + 5, subject.position[1] + 3))
+    x0 = embedded.encode(world.render(world.Scene((drifted,), new_background), 128, 1)).float()
+
+    def read_corrected(state=None):
+        anchor = TemplateAnchor(1.0, 0, None, embedded.encode, embedded.decode, embedded.spatial_factor, embedded.upscale, full_cover=0.5)
+        anchor.take_image(reference)
+        if state is not None:
+            anchor.load_state_dict(state)
+        return world.read_frame(embedded.decode(anchor.correct(x0, torch.tensor([0]), torch.tensor([1]), (False, False)))[0, 0].numpy())
+
+    assert read_corrected()[:3] == (body, "circle", hat)
+    kept = TemplateAnchor(1.0, 0, None, embedded.encode, embedded.decode, embedded.spatial_factor, embedded.upscale)
+    kept.take_image(reference)
+    uncut = {k: v for k, v in kept.references[0].state_dict().items() if k in ("patches", "part_coverage", "background")}
+    assert read_corrected({"references": {0: uncut}, "scene": 0, "scene_frames": 0})[0] != body  # without the object's pixels: the latent shift
 
 
 def test_the_template_acts_only_at_its_levels_and_resumes_from_its_state():
@@ -395,8 +463,9 @@ def test_storyboard_scenes_with_the_anchor_resume_exactly(tmp_path):
     made = []
     for _ in range(total):
         next(stream)
-        made.append(sorted(stream.engine.anchor.references))
-    assert made[2 + settle - 1] == [0] and made[2 + settle] == [0, 1] and made[-2] == [0, 1] and made[-1] == [0, 1, 2]  # the renewing scene's too
+        made.append((sorted(stream.engine.anchor.references), sorted(stream.engine.anchor.interim)))
+    assert made[2 + settle - 1] == ([0], [1]) and made[2 + settle] == ([0, 1], [])  # saved above with scene 1's interim template
+    assert made[-2] == ([0, 1], []) and made[-1] == ([0, 1, 2], [])  # the renewing scene's own too, and no interim one
 
 
 def test_an_objects_blended_edge_goes_onto_a_new_background_without_the_old_one():
