@@ -206,8 +206,9 @@ class TemplateAnchor(SceneReferences):
 
     Storyboards: each scene gets its own template from its frame number ``settle``: the object
     composited in pixels onto that frame's background (a scene that keeps the subject; see
-    :func:`find_object`), or the object that frame shows (a scene that renews it). Until then a keeping scene's frames use the previous scene's
-    template, each cell's uncovered fraction of the difference of the two row backgrounds added
+    :func:`find_object`), or the object that frame shows (a scene that renews it). Until then a keeping scene's frames use an
+    interim template, the object composited onto the background the scene's predicted frames show
+    (:meth:`_make_interim`), each cell's uncovered fraction of the difference of the two row backgrounds added
     (exact for a linear codec); within its own scene a template's cells add ``1 - w`` of it, so cells
     held whole keep the template's background. ``encode``/``decode`` are the
     model's (uint8 frames at the video size <-> latents), ``factor`` its pixels per latent cell and
