@@ -171,7 +171,7 @@ class FrameStream:
         if a.mode == "template":
             palette = None if a.palette is None else np.array(a.palette, np.float32)
             return TemplateAnchor(a.strength, a.min_level, tick, m.encode, m.decode, m.spatial_factor, m.upscale, settle=self.settings.frames, palette=palette,
-                                  full_cover=a.full_cover)
+                                  full_cover=a.full_cover, hold_smaller_part=a.hold_smaller_part)
         return SubjectAnchor(a.strength, a.min_level, a.bands, tick, m.encode, settle=self.settings.frames)
 
     def close(self) -> None:

@@ -231,6 +231,9 @@ class AnchorConfig:
     # mode template: template cells the subject covers at least this share of move all the way, the others by
     # share / full_cover (1: each by its share, the model draws the rim; lower holds more of the rim)
     full_cover: float = option(1.0, Rule(lambda v: 0 < v <= 1, "a number in (0, 1]"))
+    # mode template: also hold whole every cell where the object's smaller part (a hat) has at least half of its
+    # share, however little of the cell it covers (a triangle's apex, a hat's thin edge)
+    hold_smaller_part: bool = False
 
 
 @dataclass

@@ -156,6 +156,8 @@ class Template:
         gram = torch.einsum("oiyx,ojyx->oij", parts, parts) + 1e-6 * torch.eye(parts.shape[1], dtype=parts.dtype)
         self.gram_inverse = torch.linalg.inv(gram).float()  # (O, parts, parts) for the least-squares placement
         self.covered = part_coverage.sum(1, keepdim=True)  # (O, 1, ph, pw) the object's share of each patch cell (<= 1: parts are disjoint)
+        smaller = part_coverage[torch.arange(len(part_coverage)), part_coverage.sum((2, 3)).argmin(1)][:, None]  # (O, 1, ph, pw) a hat's share
+        self.smaller_part_cells = (smaller > 0) & (smaller >= 0.5 * self.covered)  # where the smaller part has at least half the object's share
 
     @classmethod
     def build(cls, cut: ObjectCut, background: np.ndarray, encode, factor: int, step: int, parts: int) -> Template:
@@ -202,7 +204,8 @@ class TemplateAnchor(SceneReferences):
     cells there move by ``strength * w * (patch - cells)``, ``w = min(1, share / full_cover)`` and ``share``
     the object's part of the cell, so hat and body keep their own colors and place, which band means mix,
     and the rim is mostly the model's (``full_cover`` 1: each cell by its share; lower: cells the object
-    covers at least that much are held whole).
+    covers at least that much are held whole; ``hold_smaller_part``: also every cell where the smaller part, a hat,
+    has at least half of the object's share, however little of the cell it covers).
 
     Storyboards: each scene gets its own template from its frame number ``settle``: the object
     composited in pixels onto that frame's background (a scene that keeps the subject; see
@@ -218,10 +221,10 @@ class TemplateAnchor(SceneReferences):
     """
 
     def __init__(self, strength: float, min_level: int, reference_tick: int | None, encode, decode, factor: int, step: int,
-                 parts: int = 2, settle: int = 0, palette: np.ndarray | None = None, full_cover: float = 1.0):
+                 parts: int = 2, settle: int = 0, palette: np.ndarray | None = None, full_cover: float = 1.0, hold_smaller_part: bool = False):
         super().__init__(strength, min_level, reference_tick, settle)
         self.encode, self.decode, self.factor, self.step, self.parts = encode, decode, int(factor), int(step), int(parts)
-        self.palette, self.full_cover = palette, float(full_cover)
+        self.palette, self.full_cover, self.hold_smaller_part = palette, float(full_cover), bool(hold_smaller_part)
 
     def _template(self, cut: ObjectCut | None, image: np.ndarray) -> Template | None:
         """The template of the object ``cut`` on ``image``'s background."""
@@ -276,6 +279,8 @@ class TemplateAnchor(SceneReferences):
             background = row_background(z)
             ph, pw = template.patches.shape[-2:]
             moved = (template.covered.to(z) / self.full_cover).clamp(max=1)
+            if self.hold_smaller_part:  # a hat's thin cells (a triangle's apex), which the model otherwise draws its own color into
+                moved = torch.where(template.smaller_part_cells.to(z.device), torch.ones_like(moved), moved)
             # the background shift: on its own scene's frames a cell held whole keeps the template's background (the
             # two differ only by the frames' noise); on another background every cell's uncovered part takes the
             # frame's (exact for a linear codec: a held cell with the old background in it drew the body red on black)

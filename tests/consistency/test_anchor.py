@@ -295,6 +295,23 @@ def test_cells_held_whole_keep_the_templates_background_and_the_others_shift_by_
     assert torch.allclose(out[part], (on_white + weight * (target - on_white))[part], atol=1e-5)
 
 
+def test_hold_smaller_part_holds_every_cell_where_the_hat_has_most_of_the_objects_share_however_little_it_covers():
+    """The hat of a :func:`hatted` object at (13, 9) lies in cell row 3 (3 of its 4 pixel rows), its cells 9, 12, 12
+    and 3 sixteenths covered: held whole with the option, moved by their share without it."""
+    hat, body = np.zeros((32, 32), np.float32), np.zeros((32, 32), np.float32)
+    hat[13:17, 9:21], body[17:25, 9:21] = 1, 1
+    hat_share, body_share = (torch.from_numpy(m.reshape(8, FACTOR, 8, FACTOR).mean((1, 3)))[None, None, None] for m in (hat, body))
+    hat_cells = (hat_share > 0) & (hat_share >= 0.5 * (hat_share + body_share))
+    assert hat_cells.sum() == 4 and ((hat_share[hat_cells] < 0.5)).any()
+    frame = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=13, left=9)[None])
+    target = encode_blocks(hatted(RED_PX, GREEN_PX, top=13, left=9)[None])
+    for hold in (True, False):
+        anchor = TemplateAnchor(1.0, 0, None, encode_blocks, decode_blocks, FACTOR, 1, hold_smaller_part=hold)
+        anchor.take_image(hatted(RED_PX, GREEN_PX, top=2, left=3))
+        weight = torch.where(hat_cells, 1.0, covered(13, 9)) if hold else covered(13, 9)
+        assert torch.allclose(anchor.correct(frame, torch.tensor([0])), frame + weight * (target - frame), atol=1e-5)
+
+
 @pytest.mark.parametrize("full_cover", [1.0, 0.5])
 def test_a_later_scenes_frames_before_its_own_template_take_the_object_on_their_predicted_background(full_cover):
     """A keeping storyboard scene's frames before its own template exists: an interim template, the object
