@@ -157,7 +157,8 @@ class Template:
         self.gram_inverse = torch.linalg.inv(gram).float()  # (O, parts, parts) for the least-squares placement
         self.covered = part_coverage.sum(1, keepdim=True)  # (O, 1, ph, pw) the object's share of each patch cell (<= 1: parts are disjoint)
         smaller = part_coverage[torch.arange(len(part_coverage)), part_coverage.sum((2, 3)).argmin(1)][:, None]  # (O, 1, ph, pw) a hat's share
-        self.smaller_part_cells = (smaller > 0) & (smaller >= 0.5 * self.covered)  # where the smaller part has at least half the object's share
+        # where the smaller part has at least half the object's share (none for a one-part object)
+        self.smaller_part_cells = (smaller > 0) & (smaller >= 0.5 * self.covered) & (part_coverage.shape[1] > 1)
 
     @classmethod
     def build(cls, cut: ObjectCut, background: np.ndarray, encode, factor: int, step: int, parts: int) -> Template:
