@@ -74,7 +74,8 @@ from fifo_stream.sampling.ddim import sample_ddim  # noqa: E402
 OFF = ["consistency.qcache.enabled=false", "consistency.refbank.enabled=false", "consistency.anchor.enabled=false", "consistency.shared_noise=0",
        "sampling.tail_noise=iid"]
 BANK = [*OFF, "consistency.refbank.enabled=true"]
-# Each setting is every control off but its own, whatever the config turns on; "recommended" is the config's own.
+# Each setting is every control off but its own, whatever the config turns on; "recommended" is the config's own
+# (and "hold-smaller-part" the config's own with that option).
 SETTINGS = {
     "plain": ["consistency.enabled=false"],
     "qcache": [*OFF, "consistency.qcache.enabled=true"],
@@ -99,6 +100,7 @@ SETTINGS = {
                                 "consistency.anchor.min_level=8"],
     "template": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.mode=template"],
     "recommended": [],
+    "hold-smaller-part": ["consistency.anchor.hold_smaller_part=true"],  # the config's own, the hat's thin cells held whole
 }
 SCENE_CHANGES = (600, 1200)
 

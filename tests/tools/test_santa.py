@@ -49,10 +49,12 @@ def test_each_setting_turns_on_only_its_own_controls_whatever_the_config_turns_o
         on = {k for k, v in (("qcache", cfg.consistency.qcache.enabled), ("bank", cfg.consistency.refbank.enabled),
                              ("anchor", cfg.consistency.anchor.enabled), ("shared", cfg.consistency.shared_noise > 0),
                              ("tail", cfg.sampling.tail_noise != "iid")) if v}
-        want = {"plain": set(), "qcache": {"qcache"}, "bank+qcache": {"bank", "qcache"}, "recommended": {"qcache", "bank", "anchor", "shared", "tail"}}
+        own = {"qcache", "bank", "anchor", "shared", "tail"}
+        want = {"plain": set(), "qcache": {"qcache"}, "bank+qcache": {"bank", "qcache"}, "recommended": own, "hold-smaller-part": own}
         kind = next((k for prefix, k in (("bank", "bank"), ("shared", "shared"), ("anchor", "anchor"), ("template", "anchor")) if name.startswith(prefix)), "tail")
         assert on == want.get(name, {kind}), name
     assert load_config("tiny-random", santa.SETTINGS["shared-0.5"]).consistency.shared_noise == 0.5
+    assert load_config("tiny-random", santa.SETTINGS["hold-smaller-part"]).consistency.anchor.hold_smaller_part
 
 
 def test_a_small_grid_writes_its_cells_and_resumes(tmp_path, capsys):
