@@ -381,18 +381,19 @@ def test_on_the_embedded_vae_a_new_scenes_frames_keep_the_subjects_colors_where_
     drifted = dataclasses.replace(subject, color="magenta" if body != "magenta" else "red", position=(subject.position[0] + 5, subject.position[1] + 3))
     x0 = embedded.encode(world.render(world.Scene((drifted,), new_background), 128, 1)).float()
 
-    def read_corrected(state=None):
-        anchor = TemplateAnchor(1.0, 0, None, embedded.encode, embedded.decode, embedded.spatial_factor, embedded.upscale, full_cover=0.5)
-        anchor.take_image(reference)
-        if state is not None:
-            anchor.load_state_dict(state)
-        return world.read_frame(embedded.decode(anchor.correct(x0, torch.tensor([0]), torch.tensor([1]), (False, False)))[0, 0].numpy())
+    def anchor():
+        return TemplateAnchor(1.0, 0, None, embedded.encode, embedded.decode, embedded.spatial_factor, embedded.upscale, full_cover=0.5)
 
-    assert read_corrected()[:3] == (body, "circle", hat)
-    kept = TemplateAnchor(1.0, 0, None, embedded.encode, embedded.decode, embedded.spatial_factor, embedded.upscale)
-    kept.take_image(reference)
-    uncut = {k: v for k, v in kept.references[0].state_dict().items() if k in ("patches", "part_coverage", "background")}
-    assert read_corrected({"references": {0: uncut}, "scene": 0, "scene_frames": 0})[0] != body  # without the object's pixels: the latent shift
+    def read_corrected(a):
+        return world.read_frame(embedded.decode(a.correct(x0, torch.tensor([0]), torch.tensor([1]), (False, False)))[0, 0].numpy())
+
+    held = anchor()
+    held.take_image(reference)
+    uncut = {k: v for k, v in held.references[0].state_dict().items() if k in ("patches", "part_coverage", "background")}
+    assert read_corrected(held)[:3] == (body, "circle", hat)
+    shifted = anchor()  # without the object's pixels: the latent shift
+    shifted.load_state_dict({"references": {0: uncut}, "scene": 0, "scene_frames": 0})
+    assert read_corrected(shifted)[0] != body
 
 
 def test_the_template_acts_only_at_its_levels_and_resumes_from_its_state():
