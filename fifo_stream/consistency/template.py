@@ -311,8 +311,10 @@ class TemplateAnchor(SceneReferences):
         halves. The previous template shifted in latents onto a far background decodes in another hue
         (a blue body went cyan on black: this VAE's latent of a cell depends on its surroundings)."""
         for scene in scenes.unique().tolist():
-            previous = self.reference_of(scene - 1, renew) if scene > 0 else None
-            if scene in self.references or renews(scene, renew) or previous is None or previous.cut is None:
+            if scene == 0 or scene in self.references or renews(scene, renew):
+                continue
+            previous = self.reference_of(scene - 1, renew)
+            if previous is None or previous.cut is None:  # nothing to keep, or a checkpoint without the object's pixels
                 continue
             mine = (scenes == scene).nonzero().flatten()
             lead = int(levels[mine].min())
