@@ -100,7 +100,7 @@ SETTINGS = {
                                 "consistency.anchor.min_level=8"],
     "template": [*OFF, "consistency.anchor.enabled=true", "consistency.anchor.mode=template"],
     "recommended": [],
-    "hold-smaller-part": ["consistency.anchor.hold_smaller_part=true"],  # the config's own, the hat's thin cells held whole
+    "hold-smaller-part": ["consistency.anchor.hold_smaller_part=true"],  # the hat's thin cells held whole: configs/tiny.yaml's own since late 2026-12-07
 }
 SCENE_CHANGES = (600, 1200)
 

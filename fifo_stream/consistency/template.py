@@ -102,6 +102,11 @@ class ObjectCut(NamedTuple):
         """The object over ``background`` (h, w, 3), float32."""
         return self.foreground + (1 - self.alpha[..., None]) * background
 
+    def part_colors(self) -> np.ndarray:
+        """(k, 3): the one color each of the object's k parts is cut in."""
+        return np.stack([self.foreground[self.labels == k].sum(0) / max(float(self.alpha[self.labels == k].sum()), 1e-6)
+                         for k in np.unique(self.labels[self.labels >= 0])])
+
 
 def nearest_color(color: np.ndarray, palette: np.ndarray) -> np.ndarray:
     """The color of ``palette`` (k, 3) nearest to ``color`` (3,) in RGB."""
@@ -157,8 +162,11 @@ class Template:
         self.gram_inverse = torch.linalg.inv(gram).float()  # (O, parts, parts) for the least-squares placement
         self.covered = part_coverage.sum(1, keepdim=True)  # (O, 1, ph, pw) the object's share of each patch cell (<= 1: parts are disjoint)
         smaller = part_coverage[torch.arange(len(part_coverage)), part_coverage.sum((2, 3)).argmin(1)][:, None]  # (O, 1, ph, pw) a hat's share
-        # where the smaller part has at least half the object's share (none for a one-part object)
-        self.smaller_part_cells = (smaller > 0) & (smaller >= 0.5 * self.covered) & (part_coverage.shape[1] > 1)
+        # a hat is a part held in another color than the body's: an object cut in one color (its rim split off as a
+        # second part, both held red) has none, and holding its rim whole pinned the outline
+        hatted = part_coverage.shape[1] > 1 and (cut is None or bool(np.ptp(cut.part_colors(), axis=0).max() >= 1))
+        # where the smaller part has at least half the object's share
+        self.smaller_part_cells = (smaller > 0) & (smaller >= 0.5 * self.covered) & hatted
 
     @classmethod
     def build(cls, cut: ObjectCut, background: np.ndarray, encode, factor: int, step: int, parts: int) -> Template:

@@ -312,6 +312,21 @@ def test_hold_smaller_part_holds_every_cell_where_the_hat_has_most_of_the_object
         assert torch.allclose(anchor.correct(frame, torch.tensor([0])), frame + weight * (target - frame), atol=1e-5)
 
 
+def test_hold_smaller_part_holds_nothing_more_where_both_parts_are_held_in_one_color():
+    """The model's one-colored object, its darker top split off as a second part: both parts held red, so
+    there is no hat to hold (the Santa grid's seed 9, whose held "hat" cells were its red rim)."""
+    drawn = hatted(RED_PX, (200, 30, 30), 4, 4)
+    frame = encode_blocks(hatted(BLUE_PX, YELLOW_PX, top=13, left=9)[None])
+    outs = []
+    for hold in (True, False):
+        anchor = TemplateAnchor(1.0, 0, None, encode_blocks, decode_blocks, FACTOR, 1, palette=PALETTE, hold_smaller_part=hold)
+        anchor.take_reference(encode_blocks(drawn[None])[0].transpose(0, 1))
+        outs.append(anchor.correct(frame, torch.tensor([0])))
+    template = anchor.references[0]
+    assert (template.part_coverage.sum((2, 3)) > 0).all() and (template.cut.part_colors() == RED_PX).all()  # two parts, one color
+    assert not template.smaller_part_cells.any() and torch.equal(*outs)
+
+
 @pytest.mark.parametrize("full_cover", [1.0, 0.5])
 def test_a_later_scenes_frames_before_its_own_template_take_the_object_on_their_predicted_background(full_cover):
     """A keeping storyboard scene's frames before its own template exists: an interim template, the object
