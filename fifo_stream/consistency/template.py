@@ -164,9 +164,9 @@ class Template:
         smaller = part_coverage[torch.arange(len(part_coverage)), part_coverage.sum((2, 3)).argmin(1)][:, None]  # (O, 1, ph, pw) a hat's share
         # a hat is a part held in another color than the body's: an object cut in one color (its rim split off as a
         # second part, both held red) has none, and holding its rim whole pinned the outline
-        hatted = part_coverage.shape[1] > 1 and (cut is None or bool(np.ptp(cut.part_colors(), axis=0).max() >= 1))
+        has_hat = part_coverage.shape[1] > 1 and (cut is None or bool(np.ptp(cut.part_colors(), axis=0).max() >= 1))
         # where the smaller part has at least half the object's share
-        self.smaller_part_cells = (smaller > 0) & (smaller >= 0.5 * self.covered) & hatted
+        self.smaller_part_cells = (smaller > 0) & (smaller >= 0.5 * self.covered) & has_hat
 
     @classmethod
     def build(cls, cut: ObjectCut, background: np.ndarray, encode, factor: int, step: int, parts: int) -> Template:
